@@ -1,0 +1,40 @@
+"""jupyter-gpu-attach: GPUs on demand for notebooks.
+
+``%load_ext jupyter_gpu_attach``, then ``%%gpu --memory 2GiB`` runs a cell on a leased GPU slice,
+streams its output, brings back what it assigned and releases the slice as the cell ends.
+"""
+
+from .connection import close_session, get_session
+from .errors import (
+    AgentLost,
+    AuthError,
+    BrokerUnreachable,
+    CellRejected,
+    CellTimeout,
+    GPUAttachError,
+    InputError,
+    LeaseLost,
+    NoCapacity,
+    RemoteCellError,
+)
+from .session import CellResult, GPUSession
+from .slices import SliceRequest
+
+__version__ = "0.1.0"
+
+
+def load_ipython_extension(ipython) -> None:
+    from .magics import GPUMagics
+
+    ipython.register_magics(GPUMagics)
+
+
+def unload_ipython_extension(ipython) -> None:
+    close_session()
+
+
+__all__ = [
+    "AgentLost", "AuthError", "BrokerUnreachable", "CellRejected", "CellResult", "CellTimeout", "GPUAttachError",
+    "GPUSession", "InputError", "LeaseLost", "NoCapacity", "RemoteCellError", "SliceRequest", "close_session",
+    "get_session", "load_ipython_extension", "unload_ipython_extension",
+]

@@ -1,0 +1,48 @@
+"""The kernel's one :class:`GPUSession`: made on first use from config, or an embedded pool."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+from .config import GPUAttach
+from .session import GPUSession
+
+_session: GPUSession | None = None
+_lock = threading.Lock()
+
+
+def get_session(config: GPUAttach | None = None) -> GPUSession:
+    """The session, connecting on first use (and starting the embedded pool if no broker is set)."""
+    global _session
+    with _lock:
+        if _session is None:
+            cfg = config or GPUAttach()
+            if cfg.broker_url:
+                if not cfg.token:
+                    raise RuntimeError("GPU_ATTACH_BROKER_URL is set but GPU_ATTACH_TOKEN is not; set both, "
+                                       "or unset the URL to use the embedded broker")
+                _session = GPUSession(cfg.broker_url, cfg.token)
+            else:
+                from .embedded import EmbeddedPool
+
+                print("gpu-attach: no GPU_ATTACH_BROKER_URL set; starting an embedded broker and agent on "
+                      "127.0.0.1 ...", file=sys.stderr)
+                pool = EmbeddedPool()
+                sim = " SIMULATED" if all(d["simulated"] for d in pool.devices) else ""
+                print(f"gpu-attach: embedded broker at {pool.url} with {len(pool.devices)}{sim} device(s)",
+                      file=sys.stderr)
+                _session = GPUSession(pool.url, pool.token, embedded=pool)
+        return _session
+
+
+def current_session() -> GPUSession | None:
+    return _session
+
+
+def close_session() -> None:
+    global _session
+    with _lock:
+        if _session is not None:
+            _session.close()
+            _session = None

@@ -1,0 +1,58 @@
+"""The zero-configuration default: a broker and agent on 127.0.0.1, started for this kernel.
+
+They run as a child process tree (``gpu-attach up``) with random ports and tokens, and stop
+when the kernel exits, however it exits (they watch the kernel's pid).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+class EmbeddedPool:
+    def __init__(self, timeout: float = 60.0):
+        self.state_dir = os.environ.get("GPU_ATTACH_STATE_DIR") or tempfile.mkdtemp(prefix="gpu-attach-embedded-")
+        Path(self.state_dir).mkdir(parents=True, exist_ok=True)
+        self.log_path = Path(self.state_dir) / "embedded.log"
+        cmd = [sys.executable, "-m", "gpu_attach_server.cli", "--log-level", "info", "up", "--json",
+               "--state-dir", self.state_dir, "--exit-with-parent", str(os.getpid())]
+        # The broker's and agent's logs go to a file: in a kernel, inherited stderr would land in cells.
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + timeout
+        info = None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the embedded broker and agent failed to start (exit code {self.proc.wait()}). "
+                                   f"Their log ({self.log_path}) ends with:\n{tail}")
+            try:
+                info = json.loads(line)
+            except ValueError:
+                continue
+            if info.get("role") == "up":
+                break
+        if not info:
+            self.stop()
+            raise RuntimeError(f"the embedded broker and agent did not start within {timeout:.0f} s")
+        self.url: str = info["url"]
+        self.token: str = info["token"]
+        self.admin_token: str = info["admin_token"]
+        self.devices: list[dict] = info["agent"]["devices"]
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

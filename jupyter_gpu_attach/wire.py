@@ -1,0 +1,196 @@
+"""The kernel <-> agent wire format, shared by the notebook side and the agent's sandbox.
+
+A *frame* is a small JSON header plus zero or more raw binary buffers::
+
+    b"GPA1" | u32 header_len | u32 n_buffers | u64 len(buffer_i) * n | header JSON | buffers...
+
+Values travel as a cloudpickle stream whose large buffers (NumPy arrays, bytes-like objects) are
+pickle protocol 5 out-of-band buffers: they go over the socket as raw frames, are never copied
+into the pickle, and are received straight into their final memory (``recv_into``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+MAGIC = b"GPA1"
+PROTOCOL_VERSION = 1
+_PREFIX = struct.Struct("<4sII")
+_LEN = struct.Struct("<Q")
+
+#: Defaults for what one frame may carry; each side can lower or raise them.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_BUFFERS = 65536
+MAX_PAYLOAD_BYTES = 64 * 1024**3
+
+
+class WireError(Exception):
+    """The peer sent something that is not a valid frame, or the connection broke mid-frame."""
+
+
+class PeerClosed(WireError):
+    """The peer closed the connection (cleanly, between frames, or in the middle of one)."""
+
+
+@dataclass
+class Frame:
+    header: dict[str, Any]
+    buffers: list[Any] = field(default_factory=list)
+
+    @property
+    def op(self) -> str:
+        return self.header.get("op", "")
+
+
+@dataclass
+class Limits:
+    max_header_bytes: int = MAX_HEADER_BYTES
+    max_buffers: int = MAX_BUFFERS
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES
+
+
+def send_frame(sock: socket.socket, header: dict[str, Any], buffers: list[Any] = ()) -> int:
+    """Write one frame; buffers are sent from their own memory, without joining them."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    views = [memoryview(b).cast("B") for b in buffers]
+    prefix = _PREFIX.pack(MAGIC, len(head), len(views)) + b"".join(_LEN.pack(v.nbytes) for v in views)
+    small = prefix + head
+    # Small frames go out in one syscall; large buffers are written from their own memory.
+    if sum(v.nbytes for v in views) <= 64 * 1024:
+        sock.sendall(small + b"".join(views))
+    else:
+        sock.sendall(small)
+        for v in views:
+            sock.sendall(v)
+    return len(small) + sum(v.nbytes for v in views)
+
+
+def _recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    n = view.nbytes
+    while got < n:
+        k = sock.recv_into(view[got:], min(n - got, 1 << 24))
+        if k == 0:
+            raise PeerClosed(f"connection closed after {got} of {n} bytes")
+        got += k
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    _recv_exact_into(sock, memoryview(buf))
+    return bytes(buf)
+
+
+def recv_frame(sock: socket.socket, limits: Limits | None = None) -> Frame:
+    """Read one frame, refusing headers, buffer counts and payloads over ``limits``."""
+    limits = limits or Limits()
+    first = sock.recv(1, socket.MSG_PEEK)
+    if not first:
+        raise PeerClosed("connection closed")
+    magic, head_len, n_bufs = _PREFIX.unpack(_recv_exact(sock, _PREFIX.size))
+    if magic != MAGIC:
+        raise WireError("not a gpu-attach frame (bad magic); is this port an agent's data port?")
+    if head_len > limits.max_header_bytes:
+        raise WireError(f"frame header of {head_len} bytes is over the limit of {limits.max_header_bytes}")
+    if n_bufs > limits.max_buffers:
+        raise WireError(f"frame has {n_bufs} buffers, over the limit of {limits.max_buffers}")
+    sizes = [_LEN.unpack_from(b, 0)[0] for b in _chunks(_recv_exact(sock, _LEN.size * n_bufs), _LEN.size)]
+    total = sum(sizes)
+    if total > limits.max_payload_bytes:
+        raise WireError(
+            f"frame payload of {total} bytes is over the limit of {limits.max_payload_bytes} "
+            "(raise the agent's --max-payload to send more)"
+        )
+    try:
+        header = json.loads(_recv_exact(sock, head_len))
+    except ValueError as e:
+        raise WireError(f"frame header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise WireError("frame header must be a JSON object")
+    buffers = []
+    for size in sizes:
+        buf = bytearray(size)
+        _recv_exact_into(sock, memoryview(buf))
+        buffers.append(buf)
+    return Frame(header, buffers)
+
+
+def _chunks(data: bytes, size: int):
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Values
+
+
+def _identity(x):
+    """Unpickling hook: a value that was converted (e.g. GPU array to host array) before pickling."""
+    return x
+
+
+class _HostPickler(cloudpickle.Pickler):
+    """cloudpickle that brings device arrays home: CuPy arrays become NumPy, CUDA tensors CPU."""
+
+    def reducer_override(self, obj):
+        t = type(obj)
+        mod = t.__module__ or ""
+        if mod.startswith("cupy") and t.__name__ == "ndarray" and hasattr(obj, "get"):
+            return _identity, (obj.get(),)
+        if mod.startswith("torch") and getattr(obj, "is_cuda", False) is True and hasattr(obj, "cpu"):
+            return _identity, (obj.detach().cpu(),)
+        return super().reducer_override(obj)
+
+
+def dumps(value: Any) -> list[Any]:
+    """Serialise ``value``: ``[pickle_stream, oob_buffer, ...]``, large buffers not copied."""
+    oob: list[pickle.PickleBuffer] = []
+    out = io.BytesIO()
+    _HostPickler(out, protocol=5, buffer_callback=oob.append).dump(value)
+    return [out.getbuffer()] + [b.raw() for b in oob]
+
+
+def loads(buffers: list[Any]) -> Any:
+    """Inverse of :func:`dumps`; arrays are backed by the received buffers (no copy)."""
+    if not buffers:
+        raise WireError("value frame carries no pickle stream")
+    return pickle.loads(buffers[0], buffers=buffers[1:])
+
+
+def dump_names(values: dict[str, Any]) -> tuple[list[list], list[Any], dict[str, str]]:
+    """Serialise each name on its own, so that one value that cannot travel is named, not fatal.
+
+    Returns ``(index, buffers, failures)``: ``index`` is ``[[name, n_buffers], ...]`` in the order
+    the buffers follow; ``failures`` maps a name to why it could not be serialised.
+    """
+    index: list[list] = []
+    buffers: list[Any] = []
+    failures: dict[str, str] = {}
+    for name, value in values.items():
+        try:
+            parts = dumps(value)
+        except Exception as e:  # pickling raises anything: TypeError, PicklingError, RecursionError
+            failures[name] = f"{type(value).__name__} cannot be serialised ({type(e).__name__}: {e})"
+            continue
+        index.append([name, len(parts)])
+        buffers.extend(parts)
+    return index, buffers, failures
+
+
+def load_names(index: list[list], buffers: list[Any]) -> dict[str, Any]:
+    """Inverse of :func:`dump_names`."""
+    out: dict[str, Any] = {}
+    pos = 0
+    for name, n in index:
+        if not isinstance(name, str) or not isinstance(n, int) or n < 1 or pos + n > len(buffers):
+            raise WireError("value index does not match the frame's buffers")
+        out[name] = loads(buffers[pos : pos + n])
+        pos += n
+    return out

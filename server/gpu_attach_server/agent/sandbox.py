@@ -1,0 +1,275 @@
+"""The sandbox: one process per notebook session and device set, which runs that session's cells.
+
+The agent starts it (``python -m gpu_attach_server.agent.sandbox``) pinned to its slice
+(``CUDA_VISIBLE_DEVICES``) with a clean environment, and hands it each cell's client connection
+over a Unix socket (SCM_RIGHTS), so cell inputs and outputs go straight between the kernel and
+this process without passing through the agent. It never outlives the agent.
+"""
+
+from __future__ import annotations
+
+import builtins
+import gc
+import json
+import linecache
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+import _thread
+
+from jupyter_gpu_attach import wire
+
+CELL_PREFIX = "<gpu-cell-"
+
+
+class _StreamToClient:
+    """A text stream that forwards writes to the kernel as ``stream`` frames, live."""
+
+    def __init__(self, cell: "_Cell", name: str):
+        self._cell, self.name = cell, name
+        self._pending: list[str] = []
+        self._size = 0
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        with self._cell.lock:
+            self._pending.append(text)
+            self._size += len(text)
+            if "\n" in text or self._size > 8192:
+                self._flush_locked()
+        return len(text)
+
+    def flush(self) -> None:
+        with self._cell.lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._pending:
+            text, self._pending, self._size = "".join(self._pending), [], 0
+            self._cell.send({"op": "stream", "name": self.name, "text": text})
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:
+        return "utf-8"
+
+
+class _Cell:
+    """One cell's connection: sends are serialised, a reader thread watches for interrupts."""
+
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+        self.lock = threading.RLock()
+        self.finished = threading.Event()
+        self.broken = False
+
+    def send(self, header, buffers=()) -> None:
+        with self.lock:
+            if self.broken:
+                return
+            try:
+                wire.send_frame(self.conn, header, buffers)
+            except OSError:
+                self.broken = True
+
+    def watch_for_interrupt(self) -> None:
+        """Runs in a thread: an ``interrupt`` frame, or the kernel hanging up, stops the cell."""
+        try:
+            while not self.finished.is_set():
+                frame = wire.recv_frame(self.conn, wire.Limits(max_header_bytes=4096, max_buffers=0))
+                if frame.op == "interrupt" and not self.finished.is_set():
+                    _thread.interrupt_main()
+        except (wire.WireError, OSError):
+            if not self.finished.is_set():
+                self.broken = True
+                _thread.interrupt_main()
+
+
+class Sandbox:
+    def __init__(self, ctl: socket.socket, config: dict):
+        self.ctl = ctl
+        self.config = config
+        self.cells_run = 0
+        self.limits = wire.Limits(max_payload_bytes=int(config.get("max_payload", wire.MAX_PAYLOAD_BYTES)))
+
+    def serve(self) -> None:
+        self._report({"op": "ready", "pid": os.getpid()})
+        while True:
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(self.ctl, 65536, 1)
+            except OSError:
+                return
+            if not msg:
+                return  # the agent closed our control socket: it is stopping
+            request = json.loads(msg)
+            if request.get("op") != "cell" or not fds:
+                continue
+            conn = socket.socket(fileno=fds[0])
+            claims = request["claims"]
+            try:
+                self.run_cell(conn, claims)
+            finally:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                conn.close()
+
+    def _report(self, msg: dict) -> None:
+        self.ctl.send(json.dumps(msg).encode())
+
+    # -- one cell -------------------------------------------------------------------------------
+
+    def run_cell(self, conn: socket.socket, claims: dict) -> None:
+        lease = claims["lease"]
+        cell = _Cell(conn)
+        try:
+            conn.settimeout(30)
+            frame = wire.recv_frame(conn, self.limits)
+            conn.settimeout(None)
+        except (wire.WireError, OSError) as e:
+            self._report({"op": "done", "lease": lease, "ok": False, "error": f"bad run frame: {e}"})
+            cell.send({"op": "error", "etype": "gpu_attach.ProtocolError", "message": str(e), "traceback": ""})
+            return
+        self._report({"op": "started", "lease": lease})
+        ok, reply, buffers = self._execute(cell, frame, claims)
+        self._after_cell()
+        self._report({"op": "done", "lease": lease, "ok": ok})
+        cell.finished.set()
+        cell.send(reply, buffers)
+
+    def _execute(self, cell: _Cell, frame: wire.Frame, claims: dict):
+        h = frame.header
+        self.cells_run += 1
+        filename = f"{CELL_PREFIX}{self.cells_run}>"
+        source = h.get("source")
+        if h.get("op") != "run" or not isinstance(source, str):
+            return False, _error_reply("gpu_attach.ProtocolError", "expected a run frame with the cell source", ""), []
+        try:
+            inputs = wire.load_names(h.get("inputs", []), frame.buffers)
+        except Exception as e:
+            return False, _error_reply(type(e).__name__, f"a cell input could not be loaded on the GPU host: {e}",
+                                       "".join(traceback.format_exception(e))), []
+
+        self._limit_memory(claims)
+        ns = {"__name__": "__main__", "__builtins__": builtins}
+        ns.update(inputs)
+        out, err = _StreamToClient(cell, "stdout"), _StreamToClient(cell, "stderr")
+        watcher = threading.Thread(target=cell.watch_for_interrupt, daemon=True)
+        saved = sys.stdout, sys.stderr
+        t0 = time.perf_counter()
+        try:
+            code = compile(source, filename, "exec")
+            linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+            sys.stdout, sys.stderr = out, err
+            watcher.start()
+            exec(code, ns)
+        except BaseException as e:  # the cell's own error, KeyboardInterrupt included, goes back
+            cell.finished.set()
+            sys.stdout, sys.stderr = saved
+            out.flush(), err.flush()
+            return False, *_exception_reply(e, time.perf_counter() - t0)
+        finally:
+            cell.finished.set()
+            sys.stdout, sys.stderr = saved
+        out.flush(), err.flush()
+        elapsed = time.perf_counter() - t0
+
+        bound = [n for n in h.get("bound", []) if isinstance(n, str)]
+        values = {n: ns[n] for n in bound if n in ns and not isinstance(ns[n], type(sys))}
+        deleted = [n for n in h.get("deleted", []) if isinstance(n, str) and n not in ns]
+        index, buffers, failures = wire.dump_names(values)
+        ns.clear()
+        reply = {"op": "result", "values": index, "failures": failures, "deleted": deleted, "elapsed": elapsed}
+        return True, reply, buffers
+
+    def _limit_memory(self, claims: dict) -> None:
+        """Cap the GPU memory pools at the slice's size (a no-op on simulated devices)."""
+        if claims.get("simulated"):
+            return
+        memory = int(claims.get("memory") or 0)
+        if not memory:
+            return
+        os.environ["CUPY_GPU_MEMORY_LIMIT"] = str(memory)  # read when CuPy first makes its pool
+        cp = sys.modules.get("cupy")
+        if cp is not None:
+            cp.get_default_memory_pool().set_limit(size=memory)
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, memory / total), 0)
+
+    def _after_cell(self) -> None:
+        """Give the slice's memory back: CuPy's pooled blocks and torch's cache."""
+        cp = sys.modules.get("cupy")
+        if cp is not None and getattr(cp, "__simulated__", False):
+            cp = None
+        torch = sys.modules.get("torch")
+        torch_cuda = torch is not None and torch.cuda.is_available()
+        if cp is not None:
+            pool = cp.get_default_memory_pool()
+            if pool.used_bytes():
+                gc.collect()  # device arrays caught in reference cycles hold memory until collected
+            pool.free_all_blocks()
+            cp.get_default_pinned_memory_pool().free_all_blocks()
+        if torch_cuda:
+            if torch.cuda.memory_allocated():
+                gc.collect()
+            torch.cuda.empty_cache()
+
+
+def _error_reply(etype: str, message: str, tb: str) -> dict:
+    return {"op": "error", "etype": etype, "message": message, "traceback": tb}
+
+
+def _exception_reply(exc: BaseException, elapsed: float):
+    """The remote traceback (cell frames onward) and, when it pickles, the exception itself."""
+    te = traceback.TracebackException.from_exception(exc)
+    stack = te.stack
+    while stack and not stack[0].filename.startswith(CELL_PREFIX):
+        stack.pop(0)
+    if isinstance(exc, SyntaxError) or not stack:
+        te.stack = traceback.StackSummary.from_list([])
+    tb = "".join(te.format())
+    etype = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    reply = _error_reply(etype, str(exc), tb)
+    reply["elapsed"] = elapsed
+    exc.__traceback__ = None
+    try:
+        buffers = wire.dumps(exc)
+    except Exception:
+        buffers = []
+    return reply, buffers
+
+
+def _watch_parent(agent_pid: int) -> None:
+    """Exit as soon as the agent is gone, so no cell keeps running without its agent."""
+    while True:
+        if os.getppid() != agent_pid:
+            os._exit(70)
+        time.sleep(0.2)
+
+
+def main() -> None:
+    config = json.loads(os.environ.pop("GPU_ATTACH_SANDBOX", "{}"))
+    ctl = socket.socket(fileno=int(config["ctl_fd"]))
+    threading.Thread(target=_watch_parent, args=(int(config["agent_pid"]),), daemon=True).start()
+    if config.get("simulated"):
+        from . import simulated_cupy
+
+        sys.modules["cupy"] = simulated_cupy
+    os.chdir(config.get("workdir") or os.getcwd())
+    Sandbox(ctl, config).serve()
+
+
+if __name__ == "__main__":
+    main()

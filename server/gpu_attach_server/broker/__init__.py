@@ -1,0 +1,1 @@
+"""The broker: GPU pool, leases, scheduling, auth and the HTTP API."""

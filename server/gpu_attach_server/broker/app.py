@@ -1,0 +1,152 @@
+"""The broker's HTTP API: a thin table of routes over :class:`Broker`.
+
+Every route but ``/healthz`` needs a bearer token. Users act on their own leases; the admin on
+any; agents only register and beat. Domain errors map to HTTP codes in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+from typing import Annotated, Optional
+
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from .. import __version__
+from .auth import Principal, TokenBook
+from .core import LEASE_STATES, Broker, BrokerError
+from .models import AgentRegistration, Heartbeat, LeaseRequest
+
+log = logging.getLogger("gpu_attach.broker")
+
+MAX_BODY_BYTES = 1024 * 1024
+LeaseId = Annotated[str, Path(pattern=r"^L[0-9a-f]{12}$")]
+AgentId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:@-]{1,128}$")]
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413, whether or not Content-Length is sent."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
+                return await _too_large(send, self.limit)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, f"request body is over {self.limit} bytes")
+            return msg
+
+        return await self.app(scope, limited, send)
+
+
+async def _too_large(send, limit):
+    body = b'{"detail":"request body is over %d bytes"}' % limit
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None = None) -> FastAPI:
+    bearer = HTTPBearer(auto_error=False)
+    stop = threading.Event()
+
+    def reaper():
+        interval = reap_interval_s or max(broker.settings.heartbeat_interval_s / 2, 0.05)
+        while not stop.wait(interval):
+            try:
+                ended = broker.reap()
+                if any(ended.values()):
+                    log.info("reaped %s", ended)
+            except Exception:  # keep reaping; one failed pass must not stop expiry for good
+                log.exception("reaper pass failed")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        t = threading.Thread(target=reaper, name="lease-reaper", daemon=True)
+        t.start()
+        yield
+        stop.set()
+
+    app = FastAPI(title="jupyter-gpu-attach broker", version=__version__, lifespan=lifespan)
+    app.add_middleware(BodyLimit)
+
+    @app.exception_handler(BrokerError)
+    async def _domain_error(request: Request, exc: BrokerError):
+        return JSONResponse({"detail": str(exc), "reason": exc.reason, **exc.extra}, status_code=exc.status)
+
+    async def principal(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> Principal:
+        who = tokens.lookup(creds.credentials) if creds else None
+        if who is None:
+            raise HTTPException(401, "missing or unknown bearer token (set GPU_ATTACH_TOKEN)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return who
+
+    async def user(who: Principal = Depends(principal)) -> Principal:
+        if who.role not in ("user", "admin"):
+            raise HTTPException(403, "this token is an agent's; it cannot use leases")
+        return who
+
+    def agent(who: Principal = Depends(principal)) -> Principal:
+        if who.role != "agent":
+            raise HTTPException(403, "only agents (the agent token) may register and send heartbeats")
+        return who
+
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True}
+
+    @app.get("/v1/whoami")
+    def whoami(who: Principal = Depends(principal)):
+        return {"name": who.name, "role": who.role}
+
+    @app.post("/v1/leases", status_code=201)
+    async def request_lease(body: LeaseRequest, who: Principal = Depends(user)):
+        return JSONResponse(broker.grant(who, body.slice(), body.session, body.label), status_code=201)
+
+    @app.get("/v1/leases")
+    def list_leases(
+        who: Principal = Depends(user),
+        state: Optional[str] = Query(None, pattern="^(" + "|".join(LEASE_STATES) + ")$"),
+        session: Optional[str] = Query(None, max_length=128),
+        limit: int = Query(100, ge=1, le=1000),
+    ):
+        return {"leases": broker.list_leases(who, state, session, limit)}
+
+    @app.get("/v1/leases/{lease_id}")
+    def get_lease(lease_id: LeaseId, who: Principal = Depends(user)):
+        return broker.get(who, lease_id)
+
+    @app.post("/v1/leases/{lease_id}/renew")
+    def renew_lease(lease_id: LeaseId, who: Principal = Depends(user)):
+        return broker.renew(who, lease_id)
+
+    @app.delete("/v1/leases/{lease_id}")
+    async def release_lease(lease_id: LeaseId, who: Principal = Depends(user)):
+        return JSONResponse(broker.release(who, lease_id))
+
+    @app.get("/v1/pool")
+    def pool(who: Principal = Depends(user)):
+        return broker.pool()
+
+    @app.post("/v1/agents", status_code=201)
+    def register_agent(body: AgentRegistration, who: Principal = Depends(agent)):
+        return broker.register_agent(body.agent_id, body.address, [d.model_dump() for d in body.devices], body.version)
+
+    @app.post("/v1/agents/{agent_id}/heartbeat")
+    def heartbeat(agent_id: AgentId, body: Heartbeat, who: Principal = Depends(agent)):
+        return broker.heartbeat(agent_id, body.incarnation)
+
+    return app

@@ -1,0 +1,62 @@
+"""Who is calling: bearer tokens mapped to users, the admin, or agents.
+
+Tokens are kept only as SHA-256 digests, and looked up by digest, so comparing a presented
+token leaks nothing through timing about the stored ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+USER_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    role: str  # "user" | "admin" | "agent"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class TokenBook:
+    """The broker's credentials: ``{token: Principal}``, stored by digest."""
+
+    def __init__(self, users: dict[str, str] | None = None, admin_token: str | None = None,
+                 agent_token: str | None = None):
+        self._by_digest: dict[bytes, Principal] = {}
+        for name, token in (users or {}).items():
+            self.add(token, Principal(name, "user"))
+        if admin_token:
+            self.add(admin_token, Principal("admin", "admin"))
+        if agent_token:
+            self.add(agent_token, Principal("agent", "agent"))
+
+    def add(self, token: str, who: Principal) -> None:
+        if len(token) < 16:
+            raise ValueError(f"the token for {who.name!r} is too short: use at least 16 random characters")
+        if not USER_NAME.match(who.name):
+            raise ValueError(f"user name {who.name!r} must be 1-128 letters, digits or . _ @ -")
+        self._by_digest[_digest(token)] = who
+
+    def lookup(self, token: str) -> Principal | None:
+        return self._by_digest.get(_digest(token))
+
+
+def parse_user_tokens(text: str) -> dict[str, str]:
+    """``"alice:TOKEN,bob:TOKEN"`` -> ``{"alice": "TOKEN", "bob": "TOKEN"}``."""
+    users = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, token = item.partition(":")
+        if not sep or not name or not token:
+            raise ValueError(f"user token entry {item.split(':')[0]!r}… must look like NAME:TOKEN")
+        users[name] = token
+    return users

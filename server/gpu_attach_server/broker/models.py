@@ -1,0 +1,63 @@
+"""Request bodies of the broker's HTTP API. Bad input gets a 422 that names the field."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from jupyter_gpu_attach.slices import SliceRequest, parse_size
+
+_NAME = r"^[A-Za-z0-9_.:@-]{1,128}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LeaseRequest(_Strict):
+    gpus: Optional[int] = Field(None, ge=1, le=64, description="whole GPUs on one host")
+    fraction: Optional[float] = Field(None, gt=0, le=1, description="share of one GPU")
+    memory: Optional[int | str] = Field(None, description="bytes, or a size such as '8GiB'")
+    pool: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    session: str = Field(..., pattern=_NAME, description="the notebook session asking")
+    label: str = Field("", max_length=256, description="free text shown in listings, e.g. the cell")
+
+    @field_validator("memory")
+    @classmethod
+    def _size(cls, v):
+        if v is None:
+            return v
+        try:
+            return parse_size(v)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+
+    @model_validator(mode="after")
+    def _one_size(self):
+        self.slice()  # raises ValueError naming the conflicting options
+        return self
+
+    def slice(self) -> SliceRequest:
+        return SliceRequest(gpus=self.gpus, fraction=self.fraction, memory=self.memory, pool=self.pool)
+
+
+class Device(_Strict):
+    index: int = Field(..., ge=0, le=1024)
+    uuid: str = Field(..., max_length=128)
+    model: str = Field(..., max_length=128)
+    memory: int = Field(..., gt=0)
+    simulated: bool
+    pool: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class AgentRegistration(_Strict):
+    agent_id: str = Field(..., pattern=_NAME)
+    address: str = Field(..., max_length=256, pattern=r"^[A-Za-z0-9_.:\[\]-]+:\d{1,5}$")
+    devices: list[Device] = Field(..., max_length=1024)
+    version: str = Field("", max_length=32)
+
+
+class Heartbeat(_Strict):
+    incarnation: str = Field(..., max_length=64)
+    running: list[str] = Field(default_factory=list, max_length=10000)

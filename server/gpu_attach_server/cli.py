@@ -1,0 +1,352 @@
+"""``gpu-attach``: run the broker, an agent, both on this machine (``up``), or the demo.
+
+Secrets never go on the command line (other users can read it in ``ps``): tokens come from the
+environment (``GPU_ATTACH_ADMIN_TOKEN``, ``GPU_ATTACH_USER_TOKENS="alice:TOKEN,bob:TOKEN"``,
+``GPU_ATTACH_AGENT_TOKEN``) or from a JSON file named with ``--tokens-file``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from jupyter_gpu_attach.slices import parse_size
+
+from . import __version__
+
+log = logging.getLogger("gpu_attach")
+
+
+def _emit(event: dict) -> None:
+    """One JSON line on stdout: how a parent process learns a child's address."""
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def _watch_parent(pid: int, on_gone) -> None:
+    def watch():
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                on_gone()
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _listen(host: str, port: int, fd: int | None) -> socket.socket:
+    if fd is not None:
+        return socket.socket(fileno=fd)
+    return socket.create_server((host, port), backlog=512)
+
+
+# -- broker -------------------------------------------------------------------------------------
+
+
+def _load_tokens(args) -> dict:
+    tokens = {"admin": None, "agent": None, "users": {}}
+    if getattr(args, "tokens_file", None):
+        data = json.loads(Path(args.tokens_file).read_text())
+        tokens.update({k: data.get(k) for k in ("admin", "agent")})
+        tokens["users"] = dict(data.get("users") or {})
+    from .broker.auth import parse_user_tokens
+
+    tokens["admin"] = os.environ.get("GPU_ATTACH_ADMIN_TOKEN") or tokens["admin"]
+    tokens["agent"] = os.environ.get("GPU_ATTACH_AGENT_TOKEN") or tokens["agent"]
+    tokens["users"].update(parse_user_tokens(os.environ.get("GPU_ATTACH_USER_TOKENS", "")))
+    return tokens
+
+
+def run_broker(args) -> int:
+    import uvicorn
+
+    from .broker.app import create_app
+    from .broker.auth import TokenBook
+    from .broker.core import Broker, BrokerSettings
+    from .broker.store import Store, make_engine
+    from .grant_tokens import GrantSigner
+
+    state = Path(args.state_dir).expanduser()
+    state.mkdir(parents=True, exist_ok=True)
+    tokens = _load_tokens(args)
+    if not tokens["agent"]:
+        print("gpu-attach broker: set GPU_ATTACH_AGENT_TOKEN (agents authenticate with it)", file=sys.stderr)
+        return 2
+    if not tokens["users"] and not tokens["admin"]:
+        print("gpu-attach broker: no user can log in: set GPU_ATTACH_USER_TOKENS or GPU_ATTACH_ADMIN_TOKEN",
+              file=sys.stderr)
+        return 2
+    book = TokenBook(tokens["users"], tokens["admin"], tokens["agent"])
+    store = Store(make_engine(args.db or str(state / "broker.sqlite")))
+    signer = GrantSigner.from_file(args.key_file or state / "broker-ed25519.pem")
+    settings = BrokerSettings(lease_ttl_s=args.lease_ttl, heartbeat_interval_s=args.heartbeat_interval,
+                              agent_timeout_s=args.agent_timeout)
+    app = create_app(Broker(store, signer, settings), book)
+    sock = _listen(args.host, args.port, args.fd)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host}:{port}"
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    if args.exit_with_parent:
+        _watch_parent(args.exit_with_parent, lambda: setattr(server, "should_exit", True))
+    original_startup = server.startup
+
+    async def startup(sockets=None):
+        await original_startup(sockets=sockets)
+        _emit({"event": "ready", "role": "broker", "url": url, "pid": os.getpid()})
+
+    server.startup = startup
+    server.run(sockets=[sock])
+    return 0
+
+
+# -- agent --------------------------------------------------------------------------------------
+
+
+def run_agent(args) -> int:
+    from .agent.agent import Agent, AgentSettings, new_agent_id
+    from .agent.inventory import discover
+
+    token = os.environ.get("GPU_ATTACH_AGENT_TOKEN")
+    if args.agent_token_file:
+        token = Path(args.agent_token_file).read_text().strip()
+    if not token:
+        print("gpu-attach agent: set GPU_ATTACH_AGENT_TOKEN or --agent-token-file", file=sys.stderr)
+        return 2
+    devices, why = discover(args.simulate, parse_size(args.memory), args.pool)
+    log.info("agent inventory: %s", why)
+    settings = AgentSettings(
+        broker_url=args.broker.rstrip("/"), agent_token=token, agent_id=args.name or new_agent_id(),
+        host=args.host, port=args.port, advertise_host=args.advertise_host,
+        max_payload=parse_size(args.max_payload), sandbox_idle_s=args.sandbox_idle,
+        sandbox_user=args.sandbox_user)
+    agent = Agent(settings, devices)
+    for attempt in range(100):
+        try:
+            agent.register()
+            break
+        except Exception as e:  # the broker may still be starting
+            if attempt == 99:
+                print(f"gpu-attach agent: cannot register with {settings.broker_url}: {e}", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+
+    def stop(*_):
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    if args.exit_with_parent:
+        _watch_parent(args.exit_with_parent, stop)
+    _emit({"event": "ready", "role": "agent", "agent_id": settings.agent_id, "address": agent.address,
+           "devices": [d.to_json() for d in devices], "pid": os.getpid()})
+    try:
+        agent.serve_forever()
+    except KeyboardInterrupt:
+        agent.stop()
+    return 0
+
+
+# -- up: broker + agent on this machine ----------------------------------------------------------
+
+
+class LocalPool:
+    """A broker and one agent as child processes on 127.0.0.1, with fresh random tokens."""
+
+    def __init__(self, simulate: int | None = None, memory: str = "16GiB", state_dir: str | None = None,
+                 host: str = "127.0.0.1", port: int = 0, user: str | None = None,
+                 heartbeat_interval: float = 2.0, agent_timeout: float = 10.0, lease_ttl: float = 30.0,
+                 exit_with_parent: int | None = None, log_level: str = "warning"):
+        self.user = user or _safe_user()
+        self.user_token = secrets.token_urlsafe(24)
+        self.admin_token = secrets.token_urlsafe(24)
+        self.agent_token = secrets.token_urlsafe(24)
+        self.state_dir = state_dir or tempfile.mkdtemp(prefix="gpu-attach-")
+        self.procs: dict[str, subprocess.Popen] = {}
+        sock = socket.create_server((host, port), backlog=512)
+        self.url = f"http://{host}:{sock.getsockname()[1]}"
+        env = dict(os.environ, GPU_ATTACH_ADMIN_TOKEN=self.admin_token, GPU_ATTACH_AGENT_TOKEN=self.agent_token,
+                   GPU_ATTACH_USER_TOKENS=f"{self.user}:{self.user_token}")
+        parent = ["--exit-with-parent", str(exit_with_parent or os.getpid())]
+        common = [sys.executable, "-m", "gpu_attach_server.cli", "--log-level", log_level]
+        # The broker gets the already-listening socket, so the agent can start at the same time:
+        # its first registration waits in the socket's backlog until the broker accepts.
+        self.procs["broker"] = subprocess.Popen(
+            common + ["broker", "--fd", str(sock.fileno()), "--state-dir", self.state_dir,
+                      "--heartbeat-interval", str(heartbeat_interval), "--agent-timeout", str(agent_timeout),
+                      "--lease-ttl", str(lease_ttl)] + parent,
+            env=env, pass_fds=[sock.fileno()], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        sock.close()
+        agent_cmd = common + ["agent", "--broker", self.url, "--name", "local", "--memory", memory] + parent
+        if simulate:
+            agent_cmd += ["--simulate", str(simulate)]
+        self.procs["agent"] = subprocess.Popen(
+            agent_cmd, env={k: v for k, v in env.items() if k != "GPU_ATTACH_USER_TOKENS"},
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        try:
+            self.broker_event = self._ready("broker")
+            self.agent_event = self._ready("agent")
+        except Exception:
+            self.stop()
+            raise
+
+    def _ready(self, role: str, timeout: float = 60.0) -> dict:
+        proc = self.procs[role]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the {role} exited with code {proc.wait()} before it was ready (see its log above)")
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "ready":
+                return event
+        raise RuntimeError(f"the {role} was not ready after {timeout:.0f} s")
+
+    def env(self) -> dict:
+        return {"GPU_ATTACH_BROKER_URL": self.url, "GPU_ATTACH_TOKEN": self.user_token}
+
+    def describe(self) -> dict:
+        return {"event": "ready", "role": "up", "url": self.url, "user": self.user, "token": self.user_token,
+                "admin_token": self.admin_token, "agent_token": self.agent_token, "state_dir": self.state_dir,
+                "agent": self.agent_event, "pids": {k: p.pid for k, p in self.procs.items()}}
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _safe_user() -> str:
+    try:
+        name = getpass.getuser()
+    except Exception:
+        name = "user"
+    clean = "".join(c for c in name if c.isalnum() or c in "_.@-")
+    return clean or "user"
+
+
+def run_up(args) -> int:
+    pool = LocalPool(simulate=args.simulate, memory=args.memory, state_dir=args.state_dir, host=args.host,
+                     port=args.port, heartbeat_interval=args.heartbeat_interval, agent_timeout=args.agent_timeout,
+                     lease_ttl=args.lease_ttl, exit_with_parent=args.exit_with_parent, log_level=args.log_level)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    if args.exit_with_parent:
+        _watch_parent(args.exit_with_parent, done.set)
+    if args.json:
+        _emit(pool.describe())
+    else:
+        devices = pool.agent_event["devices"]
+        sim = " SIMULATED" if all(d["simulated"] for d in devices) else ""
+        print(f"gpu-attach {__version__}: broker {pool.url} with agent 'local' ({len(devices)}{sim} device(s))")
+        print("Use it from a notebook or shell with:")
+        for k, v in pool.env().items():
+            print(f"  export {k}={v}")
+        print(f"Admin token: {pool.admin_token}   (Ctrl-C stops both)")
+        sys.stdout.flush()
+    try:
+        while not done.wait(0.5):
+            for role, p in pool.procs.items():
+                if p.poll() is not None:
+                    print(f"gpu-attach up: the {role} exited with code {p.returncode}; stopping", file=sys.stderr)
+                    done.set()
+    except KeyboardInterrupt:
+        pass
+    pool.stop()
+    return 0
+
+
+# -- argument parsing ---------------------------------------------------------------------------
+
+
+def _timing_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lease-ttl", type=float, default=30.0, help="seconds a lease lives unless renewed (default 30)")
+    p.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between agent heartbeats")
+    p.add_argument("--agent-timeout", type=float, default=10.0,
+                   help="seconds without a heartbeat before an agent is down and its leases fail")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpu-attach", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("broker", help="run the broker (one per site)")
+    b.add_argument("--host", default="127.0.0.1")
+    b.add_argument("--port", type=int, default=8765)
+    b.add_argument("--fd", type=int, help=argparse.SUPPRESS)
+    b.add_argument("--state-dir", default="~/.local/state/gpu-attach", help="where the SQLite file and signing key live")
+    b.add_argument("--db", help="SQLAlchemy URL or SQLite path (default: STATE_DIR/broker.sqlite)")
+    b.add_argument("--key-file", help="Ed25519 signing key, PEM (created if missing; default: STATE_DIR)")
+    b.add_argument("--tokens-file", help='JSON {"admin": TOKEN, "agent": TOKEN, "users": {NAME: TOKEN}}')
+    b.add_argument("--exit-with-parent", type=int, help=argparse.SUPPRESS)
+    _timing_options(b)
+    b.set_defaults(func=run_broker)
+
+    a = sub.add_parser("agent", help="run an agent on a GPU host")
+    a.add_argument("--broker", default=os.environ.get("GPU_ATTACH_BROKER_URL"), required="GPU_ATTACH_BROKER_URL" not in os.environ,
+                   help="the broker's URL (default: $GPU_ATTACH_BROKER_URL)")
+    a.add_argument("--host", default="127.0.0.1", help="address for the data port that kernels connect to")
+    a.add_argument("--port", type=int, default=0, help="data port (default: any free port)")
+    a.add_argument("--advertise-host", help="host name kernels should use, if not --host")
+    a.add_argument("--name", help="agent id (default: hostname plus a random suffix)")
+    a.add_argument("--simulate", type=int, metavar="N", help="offer N SIMULATED devices that run cells on the CPU")
+    a.add_argument("--memory", default="16GiB", help="memory of each simulated device (default 16GiB)")
+    a.add_argument("--pool", default="default", help="pool label of this host's GPUs")
+    a.add_argument("--max-payload", default="64GiB", help="largest cell input a kernel may send")
+    a.add_argument("--sandbox-idle", type=float, default=600.0, help="seconds an idle sandbox stays warm")
+    a.add_argument("--sandbox-user", help="run cells as this unprivileged user (when the agent runs as root)")
+    a.add_argument("--agent-token-file", help="file holding the agent token (default: $GPU_ATTACH_AGENT_TOKEN)")
+    a.add_argument("--exit-with-parent", type=int, help=argparse.SUPPRESS)
+    a.set_defaults(func=run_agent)
+
+    u = sub.add_parser("up", help="run a broker and an agent on this machine, with fresh tokens")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=0, help="broker port (default: any free port)")
+    u.add_argument("--simulate", type=int, metavar="N", help="offer N SIMULATED devices")
+    u.add_argument("--memory", default="16GiB", help="memory of each simulated device")
+    u.add_argument("--state-dir", help="where the broker keeps its state (default: a new temporary folder)")
+    u.add_argument("--json", action="store_true", help="print one JSON line with the URL and tokens")
+    u.add_argument("--exit-with-parent", type=int, help=argparse.SUPPRESS)
+    _timing_options(u)
+    u.set_defaults(func=run_up)
+
+    d = sub.add_parser("demo", help="run examples/quickstart.ipynb headless on the embedded default")
+    d.add_argument("--notebook", help="notebook to run (default: the bundled quickstart)")
+    d.add_argument("--output", help="also save the executed notebook here")
+    d.set_defaults(func=lambda args: __import__("gpu_attach_server.demo", fromlist=["run"]).run(args))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
