@@ -45,7 +45,8 @@ def analyse(source: str, filename: str = "<gpu-cell>") -> CellNames:
         for t in node.targets
         if isinstance(t, ast.Name)
     }
-    return CellNames(frozenset(reads), frozenset(binds | deletes), frozenset(deletes))
+    # `del x` needs x in the sandbox to delete it there.
+    return CellNames(frozenset(reads | deletes), frozenset(binds | deletes), frozenset(deletes))
 
 
 def _nested(table: symtable.SymbolTable, reads: set[str], binds: set[str]) -> None:

@@ -13,12 +13,12 @@ import gc
 import json
 import linecache
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 import traceback
-import _thread
 
 from jupyter_gpu_attach import wire
 
@@ -87,11 +87,17 @@ class _Cell:
             while not self.finished.is_set():
                 frame = wire.recv_frame(self.conn, wire.Limits(max_header_bytes=4096, max_buffers=0))
                 if frame.op == "interrupt" and not self.finished.is_set():
-                    _thread.interrupt_main()
+                    _interrupt_main()
         except (wire.WireError, OSError):
             if not self.finished.is_set():
                 self.broken = True
-                _thread.interrupt_main()
+                _interrupt_main()
+
+
+def _interrupt_main() -> None:
+    """A real SIGINT to the main thread: unlike ``_thread.interrupt_main`` it also wakes blocking
+    calls such as ``time.sleep`` or a socket read, as the stop button does in a local kernel."""
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
 class Sandbox:
@@ -117,6 +123,8 @@ class Sandbox:
             claims = request["claims"]
             try:
                 self.run_cell(conn, claims)
+            except KeyboardInterrupt:
+                pass  # an interrupt that landed just as the cell finished: the cell is over either way
             finally:
                 try:
                     conn.shutdown(socket.SHUT_RDWR)

@@ -1,0 +1,95 @@
+"""An agent that dies mid-cell: the cell fails with a clear error and the slice is not stuck."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import TOKENS, Kernel, Site
+
+
+@pytest.fixture
+def fragile_site(tmp_path):
+    s = Site(tmp_path, heartbeat=0.2, agent_timeout=1.0)
+    s.start_broker()
+    s.start_agent("doomed", simulate=1)
+    yield s
+    s.stop()
+
+
+def test_agent_killed_mid_cell(fragile_site):
+    site = fragile_site
+    k = Kernel(dict(os.environ, GPU_ATTACH_BROKER_URL=site.url, GPU_ATTACH_TOKEN=TOKENS["alice"]))
+    try:
+        result = {}
+        t = threading.Thread(target=lambda: result.update(k.run("%%gpu\nimport time\ntime.sleep(60)", timeout=60)))
+        t0 = time.monotonic()
+        t.start()
+        while site.used_memory() == 0 and time.monotonic() - t0 < 15:
+            time.sleep(0.05)
+        assert site.used_memory() > 0
+        site.agents["doomed"].send_signal(signal.SIGKILL)
+        t.join(30)
+        reply = result["reply"] if "reply" in result else result
+        assert reply["status"] == "error"
+        assert reply["ename"] == "AgentLost"
+        assert "doomed" in reply["evalue"] and "died" in reply["evalue"]
+        assert time.monotonic() - t0 < 20, "the cell must fail promptly, not wait for its 60 s sleep"
+        assert site.used_memory() == 0, "the slice must not be left held"
+        lease = site.leases()[0]
+        assert lease["state"] in ("released", "failed")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and site.pool()["gpus"][0]["agent_state"] != "down":
+            time.sleep(0.1)
+        assert site.pool()["gpus"][0]["agent_state"] == "down"
+        # A new request fails fast with the reason, instead of hanging.
+        reply = k.run("%%gpu\nx = 1")
+        assert reply["ename"] == "NoCapacity" and "no GPU is up" in reply["evalue"]
+    finally:
+        k.stop()
+
+
+def test_lease_that_is_not_renewed_expires_and_frees_the_slice(tmp_path):
+    site = Site(tmp_path, heartbeat=0.2, agent_timeout=5.0, lease_ttl=0.6)
+    site.start_broker()
+    site.start_agent("a1", simulate=1)
+    try:
+        with site.client("alice") as c:
+            lease = c.post("/v1/leases", json={"session": "s", "fraction": 0.5}).json()
+            assert site.used_memory() > 0
+            time.sleep(1.5)
+            assert site.used_memory() == 0
+            assert c.get(f"/v1/leases/{lease['id']}").json()["state"] == "expired"
+    finally:
+        site.stop()
+
+
+def test_agent_stops_a_cell_whose_lease_ended(tmp_path):
+    """Nobody renews this lease: when it expires, the agent kills the cell still running on it."""
+    import socket
+
+    from jupyter_gpu_attach import wire
+
+    site = Site(tmp_path, heartbeat=0.2, agent_timeout=5.0, lease_ttl=1.0)
+    site.start_broker()
+    site.start_agent("a2", simulate=1)
+    try:
+        with site.client("alice") as c:
+            lease = c.post("/v1/leases", json={"session": "s", "fraction": 0.5}).json()
+        host, port = lease["agent"]["address"].rsplit(":", 1)
+        with socket.create_connection((host, int(port))) as s:
+            wire.send_frame(s, {"op": "hello", "token": lease["token"]})
+            assert wire.recv_frame(s).op == "admitted"
+            wire.send_frame(s, {"op": "run", "source": "import time\ntime.sleep(60)", "inputs": [], "bound": [], "deleted": []})
+            t0 = time.monotonic()
+            s.settimeout(20)
+            with pytest.raises(wire.PeerClosed):
+                wire.recv_frame(s)
+            assert time.monotonic() - t0 < 10
+        assert site.used_memory() == 0
+    finally:
+        site.stop()
