@@ -38,15 +38,43 @@ def analyse(source: str, filename: str = "<gpu-cell>") -> CellNames:
         if sym.is_assigned() or sym.is_imported() or sym.is_namespace():
             binds.add(sym.get_name())
     _nested(table, reads, binds)
-    deletes = {
-        t.id
-        for node in tree.body
-        if isinstance(node, ast.Delete)
-        for t in node.targets
-        if isinstance(t, ast.Name)
-    }
+    deletes: set[str] = set()
+    for node in _top_level_nodes(tree):
+        if isinstance(node, ast.Delete):
+            deletes.update(_target_names(node.targets))
+        elif isinstance(node, ast.AugAssign):
+            # symtable marks `x += 1` as an assignment only, but it reads x first.
+            reads.update(_target_names([node.target]))
+    for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+        declared = {name for n in ast.walk(fn) if isinstance(n, ast.Global) for name in n.names}
+        for n in ast.walk(fn):
+            if isinstance(n, ast.AugAssign):
+                reads.update(declared & _target_names([n.target]))
     # `del x` needs x in the sandbox to delete it there.
     return CellNames(frozenset(reads | deletes), frozenset(binds | deletes), frozenset(deletes))
+
+
+def _top_level_nodes(tree: ast.Module):
+    """Every node that runs in the cell's own scope: not inside a function, lambda or class body."""
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _target_names(targets) -> set[str]:
+    names: set[str] = set()
+    for t in targets:
+        if isinstance(t, ast.Name):
+            names.add(t.id)
+        elif isinstance(t, (ast.Tuple, ast.List)):
+            names |= _target_names(t.elts)
+        elif isinstance(t, ast.Starred):
+            names |= _target_names([t.value])
+    return names
 
 
 def _nested(table: symtable.SymbolTable, reads: set[str], binds: set[str]) -> None:

@@ -134,11 +134,11 @@ class GPUSession:
 
         if reply.op == "error":
             raise _remote_exception(reply, failures)
-        values = wire.load_names(reply.header["values"], reply.buffers)
+        not_returned = dict(reply.header.get("failures") or {})
+        values = wire.load_names(reply.header["values"], reply.buffers, not_returned)
         namespace.update(values)
         for n in reply.header.get("deleted", []):
             namespace.pop(n, None)
-        not_returned = dict(reply.header.get("failures") or {})
         for n, why in not_returned.items():
             stderr.write(f"gpu-attach: {n!r} stays on the GPU host: {why}\n")
         self.last = CellResult(

@@ -51,9 +51,12 @@ def parse_size(text: str | int) -> int:
 
 def format_size(n: int) -> str:
     """2147483648 -> '2 GiB'; 1536 MiB -> '1.5 GiB'."""
-    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+    units = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
+    for i, (unit, factor) in enumerate(units):
         if n >= factor:
-            v = n / factor
+            v = round(n / factor, 1)
+            if v >= 1024 and i > 0:  # 1 GiB minus a byte reads as 1 GiB, not 1024.0 MiB
+                unit, v = units[i - 1][0], round(v / 1024, 1)
             return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
     return f"{n} B"
 
@@ -68,6 +71,9 @@ class SliceRequest:
     pool: str | None = None
 
     def __post_init__(self):
+        for k in ("gpus", "fraction", "memory"):
+            if isinstance(getattr(self, k), bool):
+                raise ValueError(f"--{k} must be a number, got {getattr(self, k)!r}")
         given = [k for k in ("gpus", "fraction", "memory") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"ask for one of --gpus, --fraction or --memory, not {' and '.join('--' + g for g in given)}")

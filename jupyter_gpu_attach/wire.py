@@ -184,13 +184,30 @@ def dump_names(values: dict[str, Any]) -> tuple[list[list], list[Any], dict[str,
     return index, buffers, failures
 
 
-def load_names(index: list[list], buffers: list[Any]) -> dict[str, Any]:
-    """Inverse of :func:`dump_names`."""
+def load_names(index: list[list], buffers: list[Any], failures: dict[str, str] | None = None) -> dict[str, Any]:
+    """Inverse of :func:`dump_names`. With ``failures``, a value that cannot be rebuilt here is
+    recorded there by name and skipped; without, it raises :class:`ValueLoadError`."""
     out: dict[str, Any] = {}
     pos = 0
-    for name, n in index:
+    for entry in index:
+        name, n = entry if isinstance(entry, (list, tuple)) and len(entry) == 2 else (None, None)
         if not isinstance(name, str) or not isinstance(n, int) or n < 1 or pos + n > len(buffers):
             raise WireError("value index does not match the frame's buffers")
-        out[name] = loads(buffers[pos : pos + n])
+        try:
+            out[name] = loads(buffers[pos : pos + n])
+        except Exception as e:
+            if failures is None:
+                raise ValueLoadError(name, e) from e
+            failures[name] = f"it could not be rebuilt here ({type(e).__name__}: {e})"
         pos += n
+    if pos != len(buffers):
+        raise WireError(f"value index covers {pos} of the frame's {len(buffers)} buffers")
     return out
+
+
+class ValueLoadError(WireError):
+    """One named value could not be rebuilt (e.g. its module is not installed on this side)."""
+
+    def __init__(self, name: str, error: Exception):
+        super().__init__(f"{name!r} could not be loaded: {type(error).__name__}: {error}")
+        self.name, self.error = name, error

@@ -122,7 +122,7 @@ class Broker:
             conn.execute(update(agents).where(agents.c.id == agent_id).values(last_heartbeat=t))
             active = conn.execute(
                 select(leases.c.id, leases.c.expires_at).where(
-                    and_(leases.c.agent_id == agent_id, leases.c.state == "granted")
+                    and_(leases.c.agent_id == agent_id, leases.c.state == "granted", leases.c.expires_at >= t)
                 )
             ).all()
         return {"active": {r.id: r.expires_at for r in active}}
@@ -190,9 +190,12 @@ class Broker:
             row = self._owned(conn, who, lease_id)
             if row.state != "granted":
                 raise Conflict(f"lease {lease_id} is {row.state} ({row.end_reason}); request a new one", state=row.state)
-            if row.expires_at < t:
-                self.store.end_leases(conn, leases.c.id == lease_id, "expired", "not renewed before its TTL", t)
-                raise Conflict(f"lease {lease_id} expired before it was renewed; request a new one", state="expired")
+            late = row.expires_at < t
+            if late:  # record the expiry, and raise only after the transaction commits
+                self.store.end_lease(conn, lease_id, "expired", "not renewed before its TTL", t)
+        if late:
+            raise Conflict(f"lease {lease_id} expired before it was renewed; request a new one", state="expired")
+        with self.store.write() as conn:
             expires = t + self.settings.lease_ttl_s
             conn.execute(update(leases).where(leases.c.id == lease_id).values(expires_at=expires))
             devices = [_device_json(dict(r._mapping)) for r in conn.execute(

@@ -1,0 +1,106 @@
+"""Real-GPU paths: NVML inventory, CuPy in a sandbox pinned to its slice, the memory cap, freeing.
+
+Run on a host with an NVIDIA GPU and `pip install -e '.[gpu,test]'`: `python -m pytest -m gpu`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import Site
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu_site(tmp_path_factory):
+    s = Site(tmp_path_factory.mktemp("gpu-site"))
+    s.start_broker()
+    import subprocess
+    import sys
+
+    from conftest import _ready_line
+
+    env = {k: v for k, v in s.env().items() if k not in ("GPU_ATTACH_USER_TOKENS", "GPU_ATTACH_ADMIN_TOKEN")}
+    proc = subprocess.Popen([sys.executable, "-m", "gpu_attach_server.cli", "agent", "--broker", s.url, "--name", "gpu"],
+                            env=env, stdout=subprocess.PIPE, text=True)
+    s.procs.append(proc)
+    ready = _ready_line(proc)
+    s.agents["gpu"] = proc
+    s.devices = ready["devices"]
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def session(gpu_site):
+    from conftest import TOKENS
+    from jupyter_gpu_attach import GPUSession
+
+    return GPUSession(gpu_site.url, TOKENS["alice"])
+
+
+def test_nvml_inventory_is_real():
+    from gpu_attach_server.agent.inventory import nvml_devices
+
+    devices = nvml_devices()
+    assert devices and all(not d.simulated for d in devices)
+    assert all(d.uuid.startswith(("GPU-", "MIG-")) and d.memory > 1 << 30 for d in devices)
+
+
+def test_agent_serves_real_devices(gpu_site):
+    assert gpu_site.devices and not any(d["simulated"] for d in gpu_site.devices)
+    pool = gpu_site.pool()
+    assert all(not g["simulated"] for g in pool["gpus"])
+
+
+def test_cupy_cell_runs_on_the_gpu_and_returns_numpy(session):
+    import numpy as np
+
+    from jupyter_gpu_attach import SliceRequest
+
+    ns = {"x": np.random.rand(512, 512)}
+    session.run("import cupy as cp\nassert not getattr(cp, '__simulated__', False)\n"
+                "d = cp.asarray(x)\ny = d @ d\nn = cp.cuda.runtime.getDeviceCount()\n"
+                "import os\nvisible = os.environ['CUDA_VISIBLE_DEVICES']",
+                ns, SliceRequest.from_options(memory="1GiB"))
+    assert isinstance(ns["y"], np.ndarray) and isinstance(ns["d"], np.ndarray)
+    np.testing.assert_allclose(ns["y"], ns["x"] @ ns["x"], rtol=1e-6)
+    assert ns["n"] == 1, "the sandbox must see only its own GPU"
+    assert ns["visible"].startswith("GPU-")
+
+
+def test_memory_cap_is_the_slice(session):
+    from jupyter_gpu_attach import SliceRequest
+
+    ns: dict = {}
+    with pytest.raises(Exception) as info:
+        session.run("import cupy as cp\nbig = cp.zeros(2 * 1024**3 // 8)", ns, SliceRequest.from_options(memory="1GiB"))
+    assert "OutOfMemory" in type(info.value).__name__ or "out of memory" in str(info.value).lower()
+    # The same allocation fits in a slice big enough for it.
+    session.run("import cupy as cp\nbig = cp.zeros(2 * 1024**3 // 8)\nok = int(big.size)", ns,
+                SliceRequest.from_options(memory="4GiB"))
+    assert ns["ok"] == 2 * 1024**3 // 8
+
+
+def test_gpu_memory_is_freed_after_each_cell(session):
+    from jupyter_gpu_attach import SliceRequest
+
+    ns: dict = {}
+    session.run("import cupy as cp\nkeep = cp.ones(256 * 1024**2 // 8)\nused = cp.get_default_memory_pool().used_bytes()",
+                ns, SliceRequest.from_options(memory="2GiB"))
+    assert ns["used"] >= 256 * 1024**2
+    session.run("import cupy as cp\npool = cp.get_default_memory_pool()\nafter = (pool.used_bytes(), pool.total_bytes())",
+                ns, SliceRequest.from_options(memory="2GiB"))
+    assert ns["after"] == (0, 0), "the previous cell's blocks must be back with the driver"
+
+
+def test_torch_cuda_tensors_come_back_on_the_cpu(session):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch here has no CUDA build")
+    from jupyter_gpu_attach import SliceRequest
+
+    ns: dict = {}
+    session.run("import torch\nt = torch.ones(4, device='cuda') * 3", ns, SliceRequest.from_options(memory="1GiB"))
+    assert ns["t"].device.type == "cpu" and float(ns["t"].sum()) == 12.0
