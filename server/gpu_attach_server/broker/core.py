@@ -11,7 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, select, update
+from sqlalchemy import and_, insert, select, update
 
 from jupyter_gpu_attach.slices import SliceRequest
 
@@ -156,22 +156,21 @@ class Broker:
                 placement = scheduler.place(
                     request,
                     [_gpu(r) for r in up],
-                    [scheduler.Allocation(a["gpu_id"], a["memory"]) for a in allocs],
+                    [scheduler.Allocation(gpu_id, memory) for gpu_id, memory, _ in allocs],
                     prefer_gpu_ids=self._affinity.get((who.name, session), frozenset()),
                 )
             except scheduler.NoFit as e:
                 raise NoCapacity(str(e), e.never) from None
             first = next(r for r in up if r["id"] == placement.gpus[0].id)
             lease_id = "L" + secrets.token_hex(6)
-            conn.execute(insert(leases).values(
+            whole = request.or_default().gpus is not None
+            self.store.insert_lease(conn, dict(
                 id=lease_id, user=who.name, session=session, state="granted",
                 request=json.dumps(request.to_json()), agent_id=first["agent_id"],
                 agent_incarnation=first["incarnation"], fraction=placement.fraction_per_gpu,
-                created_at=t, granted_at=t, expires_at=t + ttl, label=label[:256]))
-            conn.execute(insert(lease_gpus), [
-                dict(lease_id=lease_id, gpu_id=g.id, active=True,
-                     memory=g.memory if request.or_default().gpus else placement.memory_per_gpu)
-                for g in placement.gpus])
+                created_at=t, granted_at=t, expires_at=t + ttl, ended_at=None, end_reason=None,
+                label=label[:256]),
+                [(g.id, g.memory if whole else placement.memory_per_gpu) for g in placement.gpus])
         self._remember(who.name, session, frozenset(g.id for g in placement.gpus))
         devices = [_device_json(next(r for r in up if r["id"] == g.id)) for g in placement.gpus]
         memory = placement.memory_per_gpu
@@ -261,7 +260,7 @@ class Broker:
     # -- helpers --------------------------------------------------------------------------------
 
     def _owned(self, conn, who: Principal, lease_id: str):
-        row = conn.execute(_LEASE_BY_ID, {"id": lease_id}).first()
+        row = self.store.lease_row(conn, lease_id)
         if row is None:
             raise NotFound(f"no lease {lease_id!r}")
         if row.user != who.name and not who.is_admin:
@@ -289,7 +288,6 @@ class Broker:
         })
 
 
-_LEASE_BY_ID = select(leases).where(leases.c.id == bindparam("id"))
 
 
 def _gpu(r: dict) -> scheduler.GPU:
