@@ -45,29 +45,53 @@ class CellResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class _LeaseKeeper:
-    """Renews a lease every third of its TTL while the cell runs."""
+class _Renewer:
+    """Keeps the running cell's lease alive: one thread per session, woken on a timer only.
 
-    def __init__(self, broker: BrokerClient, lease: dict):
-        self.broker, self.lease = broker, lease
-        self.lost: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"renew-{lease['id']}", daemon=True)
-        self._thread.start()
+    A thread started (and stopped) per cell cost more than a whole trivial cell, so the cell
+    just points this at its lease; the lease is renewed once it is a third of its TTL old.
+    """
+
+    def __init__(self, broker: BrokerClient):
+        self.broker = broker
+        self.lost: dict[str, str] = {}
+        self._lease: dict | None = None
+        self._renewed_at = 0.0
+        self._period = 1.0
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def track(self, lease: dict) -> None:
+        ttl = float(lease["ttl_s"])
+        self._renewed_at = time.monotonic()
+        self._lease = lease
+        if ttl / 6 < self._period or self._thread is None:
+            self._period = max(ttl / 6, 0.02)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="gpu-attach-renew", daemon=True)
+                self._thread.start()
+            else:
+                self._wake.set()  # rare: a shorter TTL than before
+
+    def untrack(self) -> None:
+        self._lease = None
 
     def _run(self) -> None:
-        interval = max(float(self.lease["ttl_s"]) / 3, 0.05)
-        while not self._stop.wait(interval):
+        while True:
+            self._wake.wait(self._period)
+            self._wake.clear()
+            lease = self._lease
+            if lease is None or time.monotonic() - self._renewed_at < float(lease["ttl_s"]) / 3:
+                continue
             try:
-                self.broker.renew(self.lease["id"])
+                self.broker.renew(lease["id"])
+                self._renewed_at = time.monotonic()
             except LeaseLost as e:
-                self.lost = str(e)
-                return
+                self.lost[lease["id"]] = str(e)
+                if self._lease is lease:
+                    self._lease = None
             except GPUAttachError:
-                continue  # a broker blip: the lease survives until its TTL; try again
-
-    def stop(self) -> None:
-        self._stop.set()
+                continue  # a broker blip: the lease lives until its TTL; try again next tick
 
 
 class GPUSession:
@@ -83,6 +107,7 @@ class GPUSession:
         self.active_lease: dict | None = None
         self._told_simulated = False
         self._lock = threading.Lock()  # one cell at a time per session
+        self._renewer = _Renewer(self.broker)
 
     def run(
         self,
@@ -112,7 +137,7 @@ class GPUSession:
             lease = self.broker.request_lease(request, self.session_id, label)
             t_lease = time.perf_counter()
             self.active_lease = lease
-            keeper = _LeaseKeeper(self.broker, lease)
+            self._renewer.track(lease)
             try:
                 if lease.get("simulated") and not self._told_simulated:
                     self._told_simulated = True
@@ -121,9 +146,9 @@ class GPUSession:
                                  "this cell runs on the CPU, and `import cupy` gives a NumPy stand-in.\n")
                 header = {"op": "run", "source": source, "inputs": index,
                           "bound": sorted(names.binds), "deleted": sorted(names.deletes)}
-                reply = _exchange(lease, header, buffers, timeout, stdout, stderr, keeper)
+                reply = _exchange(lease, header, buffers, timeout, stdout, stderr, self._renewer.lost)
             finally:
-                keeper.stop()
+                self._renewer.untrack()
                 self.active_lease = None
                 try:
                     self.broker.release(lease["id"])
@@ -158,7 +183,7 @@ class GPUSession:
 
 
 def _exchange(lease: dict, header: dict, buffers: list, timeout: float | None, stdout: TextIO, stderr: TextIO,
-              keeper: _LeaseKeeper) -> wire.Frame:
+              lost: dict[str, str]) -> wire.Frame:
     """Send the cell to the lease's agent and relay output until the result or error arrives."""
     host, port = lease["agent"]["address"].rsplit(":", 1)
     where = f"agent {lease['agent']['id']} at {lease['agent']['address']}"
@@ -172,14 +197,20 @@ def _exchange(lease: dict, header: dict, buffers: list, timeout: float | None, s
     interrupted_at: float | None = None
     why_interrupted = ""
     try:
+        # A small cell goes right behind the hello (one round trip less); a large one waits
+        # until the agent has accepted the grant, so a refusal costs no wasted transfer.
+        pipelined = sum(memoryview(b).nbytes for b in buffers) <= wire.PIPELINE_MAX_BYTES
         wire.send_frame(sock, {"op": "hello", "token": lease["token"], "protocol": wire.PROTOCOL_VERSION})
+        if pipelined:
+            wire.send_frame(sock, header, buffers)
         admitted = wire.recv_frame(sock)
         if admitted.op == "reject":
             raise CellRejected(f"{where} refused the cell: {admitted.header.get('message')}")
         if admitted.op != "admitted":
             raise CellRejected(f"{where} answered {admitted.op!r} to hello")
         sock.settimeout(None)
-        wire.send_frame(sock, header, buffers)
+        if not pipelined:
+            wire.send_frame(sock, header, buffers)
         while True:
             wait = None
             if interrupted_at is not None:
@@ -211,9 +242,9 @@ def _exchange(lease: dict, header: dict, buffers: list, timeout: float | None, s
                     raise _stopped("timeout", timeout, hung=False)
                 return frame
             raise AgentLost(f"{where} sent an unexpected {frame.op!r} frame")
-    except wire.PeerClosed:
-        if keeper.lost:
-            raise LeaseLost(f"the lease ended while the cell ran ({keeper.lost}); the agent stopped the cell") from None
+    except (wire.PeerClosed, ConnectionResetError, BrokenPipeError):
+        if lease["id"] in lost:
+            raise LeaseLost(f"the lease ended while the cell ran ({lost[lease['id']]}); the agent stopped the cell") from None
         raise AgentLost(
             f"{where} closed the connection {time.monotonic() - started:.1f} s into the cell: the agent or the "
             "cell's sandbox died. The lease has been released; run the cell again.") from None

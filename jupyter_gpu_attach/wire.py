@@ -30,6 +30,8 @@ _LEN = struct.Struct("<Q")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_BUFFERS = 65536
 MAX_PAYLOAD_BYTES = 64 * 1024**3
+#: A run frame up to this size follows the hello at once instead of waiting for ``admitted``.
+PIPELINE_MAX_BYTES = 1024 * 1024
 
 
 class WireError(Exception):

@@ -93,3 +93,22 @@ def test_agent_stops_a_cell_whose_lease_ended(tmp_path):
         assert site.used_memory() == 0
     finally:
         site.stop()
+
+
+def test_a_long_cell_keeps_its_lease_by_renewing(tmp_path):
+    """With a 1 s TTL, a 2.5 s cell survives only if the kernel renews its lease while it runs."""
+    from jupyter_gpu_attach import GPUSession
+
+    site = Site(tmp_path, heartbeat=0.2, agent_timeout=5.0, lease_ttl=1.0)
+    site.start_broker()
+    site.start_agent("a3", simulate=1)
+    try:
+        session = GPUSession(site.url, TOKENS["alice"])
+        ns: dict = {}
+        session.run("import time\ntime.sleep(2.5)\ndone = True", ns)
+        assert ns["done"] is True
+        lease = site.leases()[0]
+        assert lease["state"] == "released", lease
+        assert lease["expires_at"] - lease["granted_at"] > 2.0, "the lease must have been renewed"
+    finally:
+        site.stop()

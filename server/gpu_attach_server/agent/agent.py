@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import requests
@@ -73,6 +74,9 @@ class Agent:
         self._sandboxes: dict[tuple, SandboxHandle] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # Admission waits on the kernel's hello; a pool keeps a slow client from blocking others
+        # without paying for a new thread on every cell.
+        self._admitters = ThreadPoolExecutor(max_workers=32, thread_name_prefix="admit")
         self._root = settings.workdir or tempfile.mkdtemp(prefix="gpu-attach-agent-")
         self.listener = socket.create_server((settings.host, settings.port), backlog=128)
         self.port = self.listener.getsockname()[1]
@@ -144,7 +148,7 @@ class Agent:
                 if self._stop.is_set():
                     return
                 raise
-            threading.Thread(target=self._admit, args=(conn,), daemon=True).start()
+            self._admitters.submit(self._admit, conn)
 
     def _admit(self, conn: socket.socket) -> None:
         """Verify the hello frame's grant and hand the connection to the session's sandbox."""
@@ -163,8 +167,8 @@ class Agent:
             with sandbox.lock:
                 sandbox.running_lease = claims["lease"]
                 sandbox.last_used = time.monotonic()
-                # The kernel sends its (maybe large) run frame only after this, so a refused
-                # hello never leaves a payload in flight that would reset the connection.
+                # A kernel with a large run frame waits for this before sending it; a small
+                # one was pipelined right behind the hello and is already waiting for the sandbox.
                 wire.send_frame(conn, {"op": "admitted", "sandbox_pid": sandbox.proc.pid, "warm": sandbox.cells > 0})
                 sandbox.cells += 1
                 socket.send_fds(sandbox.ctl, [json.dumps({"op": "cell", "claims": claims}).encode()], [conn.fileno()])
@@ -282,8 +286,18 @@ class Agent:
 
 
 def _reject(conn: socket.socket, code: str, message: str) -> None:
+    """Send the refusal, then read and drop what the kernel may have pipelined behind its hello:
+    closing with unread data would reset the connection and could destroy the refusal in flight."""
     try:
         wire.send_frame(conn, {"op": "reject", "code": code, "message": message})
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(1.0)
+        drained = 0
+        while drained < wire.PIPELINE_MAX_BYTES + HELLO_LIMITS.max_header_bytes:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
     except OSError:
         pass
 

@@ -13,6 +13,7 @@ import gc
 import json
 import linecache
 import os
+import queue
 import signal
 import socket
 import sys
@@ -106,6 +107,14 @@ class Sandbox:
         self.config = config
         self.cells_run = 0
         self.limits = wire.Limits(max_payload_bytes=int(config.get("max_payload", wire.MAX_PAYLOAD_BYTES)))
+        # One long-lived thread watches the running cell's connection for an interrupt (or the
+        # kernel hanging up); starting a thread per cell would cost more than a trivial cell.
+        self._watch: queue.SimpleQueue[_Cell] = queue.SimpleQueue()
+        threading.Thread(target=self._watch_cells, name="interrupt-watch", daemon=True).start()
+
+    def _watch_cells(self) -> None:
+        while True:
+            self._watch.get().watch_for_interrupt()
 
     def serve(self) -> None:
         self._report({"op": "ready", "pid": os.getpid()})
@@ -172,14 +181,13 @@ class Sandbox:
         ns = {"__name__": "__main__", "__builtins__": builtins}
         ns.update(inputs)
         out, err = _StreamToClient(cell, "stdout"), _StreamToClient(cell, "stderr")
-        watcher = threading.Thread(target=cell.watch_for_interrupt, daemon=True)
         saved = sys.stdout, sys.stderr
         t0 = time.perf_counter()
         try:
             code = compile(source, filename, "exec")
             linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
             sys.stdout, sys.stderr = out, err
-            watcher.start()
+            self._watch.put(cell)
             exec(code, ns)
         except BaseException as e:  # the cell's own error, KeyboardInterrupt included, goes back
             cell.finished.set()

@@ -148,7 +148,7 @@ class Broker:
         """Place ``request`` and record the lease, or raise :class:`NoCapacity` with the reason."""
         t = now()
         ttl = self.settings.lease_ttl_s
-        with self.store.write() as conn:
+        with self.store.hot() as conn:
             self.store.lock_gpus(conn)
             up = self.store.gpus_up(conn)
             allocs = self.store.active_allocations(conn, t)
@@ -207,7 +207,7 @@ class Broker:
     def release(self, who: Principal, lease_id: str, reason: str = "released by its owner") -> dict:
         """End a lease and free its slice at once. Releasing an ended lease changes nothing."""
         t = now()
-        with self.store.write() as conn:
+        with self.store.hot() as conn:
             row = self._owned(conn, who, lease_id)
             if self.store.end_lease(conn, lease_id, "released", reason[:256], t):
                 return {"id": lease_id, "state": "released", "ended_at": t, "end_reason": reason}
