@@ -106,6 +106,7 @@ class Sandbox:
         self.ctl = ctl
         self.config = config
         self.cells_run = 0
+        self.recycler = wire.BufferRecycler()
         self.limits = wire.Limits(max_payload_bytes=int(config.get("max_payload", wire.MAX_PAYLOAD_BYTES)))
         # One long-lived thread watches the running cell's connection for an interrupt (or the
         # kernel hanging up); starting a thread per cell would cost more than a trivial cell.
@@ -151,7 +152,7 @@ class Sandbox:
         cell = _Cell(conn)
         try:
             conn.settimeout(30)
-            frame = wire.recv_frame(conn, self.limits)
+            frame = wire.recv_frame(conn, self.limits, self.recycler)
             conn.settimeout(None)
         except (wire.WireError, OSError) as e:
             self._report({"op": "done", "lease": lease, "ok": False, "error": f"bad run frame: {e}"})
@@ -159,6 +160,8 @@ class Sandbox:
             return
         self._report({"op": "started", "lease": lease})
         ok, reply, buffers = self._execute(cell, frame, claims)
+        self.recycler.keep(frame.buffers)
+        del frame
         self._after_cell()
         self._report({"op": "done", "lease": lease, "ok": ok})
         cell.finished.set()
