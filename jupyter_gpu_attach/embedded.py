@@ -47,6 +47,7 @@ class EmbeddedPool:
         self.token: str = info["token"]
         self.admin_token: str = info["admin_token"]
         self.devices: list[dict] = info["agent"]["devices"]
+        self.pids: dict[str, int] = dict(info["pids"], up=self.proc.pid)
         atexit.register(self.stop)
 
     def stop(self) -> None:

@@ -112,6 +112,24 @@ class Site:
                 p.kill()
 
 
+@pytest.fixture
+def make_site(tmp_path):
+    """``make_site(agent="name", **timings)``: a fresh site with one agent (one simulated device),
+    stopped after the test."""
+    made = []
+
+    def make(agent: str = "a1", simulate: int = 1, **timings) -> Site:
+        s = Site(tmp_path / f"site{len(made)}", **timings)
+        made.append(s)
+        s.start_broker()
+        s.start_agent(agent, simulate=simulate)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     s = Site(tmp_path_factory.mktemp("site"))

@@ -46,3 +46,33 @@ def test_demo_command_prints_outputs_and_timeline():
     assert "done" in r.stdout and "Lease timeline" in r.stdout
     assert "every lease lies inside its %%gpu cell: yes" in r.stdout
     assert "every lease released when its cell ended: yes" in r.stdout
+
+
+def test_embedded_broker_and_agent_stop_with_the_kernel(tmp_path):
+    """Killing the kernel (as a restart or crash does) takes its embedded broker and agent along."""
+    import time
+
+    from conftest import Kernel
+
+    env = dict(_clean_env(), GPU_ATTACH_STATE_DIR=str(tmp_path))
+    k = Kernel(env)
+    try:
+        k.ok("%%gpu\nv = 1")
+        pids = k.value("get_ipython().user_ns.setdefault('_ga', __import__('jupyter_gpu_attach')).get_session().embedded.pids")
+        assert set(pids) == {"broker", "agent", "up"}
+        assert all(_alive(p) for p in pids.values())
+    finally:
+        k.km.shutdown_kernel(now=True)  # SIGKILL: no atexit handlers run in the kernel
+        k.kc.stop_channels()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids.values()), pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
