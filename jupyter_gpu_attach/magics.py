@@ -66,8 +66,7 @@ class GPUMagics(Magics):
             raise UsageError(f"--timeout must be positive seconds, got {args.timeout:g}")
         request = _request(args)
         session = connection.get_session()
-        count = getattr(self.shell, "execution_count", None)
-        label = (f"In[{count}] " if count else "") + (cell.strip().splitlines() or [""])[0][:120]
+        label = (cell.strip().splitlines() or [""])[0][:120]
         session.run(cell, self.shell.user_ns, None if request.is_default else request, args.timeout, label=label)
 
     def _line(self, line: str):

@@ -120,9 +120,13 @@ def print_timeline(nb, db: Path) -> bool:
     print("Lease timeline (seconds from the first cell; from the kernel's cell timings and the broker's records)")
     print(f"  {'cell':<6}{'kind':<7}{'ran':<19}GPU held")
     gpu_cells = []
-    for c, (start, end) in cells:
+    # A lease belongs to the last cell that started before it was granted (by the clock, not by
+    # label: what IPython calls a cell's number while it runs changed between versions).
+    owner = {lz["id"]: max((i for i, (_, (s, _)) in enumerate(cells) if s <= lz["granted_at"]), default=0)
+             for lz in leases}
+    for i, (c, (start, end)) in enumerate(cells):
         is_gpu = c.source.lstrip().startswith("%%gpu")
-        held = [lz for lz in leases if lz["label"].startswith(f"In[{c.execution_count}]")]
+        held = [lz for lz in leases if owner[lz["id"]] == i]
         if is_gpu:
             gpu_cells.append((start, end))
         desc = "-"
