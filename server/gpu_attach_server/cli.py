@@ -133,7 +133,7 @@ def run_agent(args) -> int:
         broker_url=args.broker.rstrip("/"), agent_token=token, agent_id=args.name or new_agent_id(),
         host=args.host, port=args.port, advertise_host=args.advertise_host,
         max_payload=parse_size(args.max_payload), sandbox_idle_s=args.sandbox_idle,
-        sandbox_user=args.sandbox_user)
+        sandbox_user=args.sandbox_user, spare_sandboxes=args.spare_sandboxes)
     agent = Agent(settings, devices)
     for attempt in range(100):
         try:
@@ -319,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-payload", default="64GiB", help="largest cell input a kernel may send")
     a.add_argument("--sandbox-idle", type=float, default=600.0, help="seconds an idle sandbox stays warm")
     a.add_argument("--sandbox-user", help="run cells as this unprivileged user (when the agent runs as root)")
+    a.add_argument("--spare-sandboxes", type=int, default=1, choices=[0, 1],
+                   help="keep a sandbox process started, so a new session's first cell does not wait for one")
     a.add_argument("--agent-token-file", help="file holding the agent token (default: $GPU_ATTACH_AGENT_TOKEN)")
     a.add_argument("--exit-with-parent", type=int, help=argparse.SUPPRESS)
     a.set_defaults(func=run_agent)

@@ -48,6 +48,7 @@ class AgentSettings:
     max_payload: int = wire.MAX_PAYLOAD_BYTES
     sandbox_idle_s: float = 600.0
     sandbox_user: str | None = None  # run cells as this (unprivileged) user when the agent is root
+    spare_sandboxes: int = 1  # sandbox processes kept started, ready to be pinned to a new session
     workdir: str | None = None
 
 
@@ -72,6 +73,8 @@ class Agent:
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {settings.agent_token}"
         self._sandboxes: dict[tuple, SandboxHandle] = {}
+        self._starting: dict[tuple, threading.Lock] = {}
+        self._spare: tuple[subprocess.Popen, socket.socket] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # Admission waits on the kernel's hello; a pool keeps a slow client from blocking others
@@ -140,6 +143,8 @@ class Agent:
 
     def serve_forever(self) -> None:
         """Beat and accept cells until :meth:`stop`; call :meth:`register` first."""
+        if self.settings.spare_sandboxes:
+            threading.Thread(target=self._refill_spare, daemon=True).start()
         threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True).start()
         while not self._stop.is_set():
             try:
@@ -190,51 +195,101 @@ class Agent:
             s = self._sandboxes.get(key)
             if s is not None and s.proc.poll() is None:
                 return s
-            s = self._spawn(key, claims)
-            self._sandboxes[key] = s
+            starting = self._starting.setdefault(key, threading.Lock())
+        # Claiming a sandbox takes milliseconds (a fresh one, far longer): hold only this
+        # session's lock meanwhile, so other sessions' cells are admitted as usual.
+        with starting:
+            with self._lock:
+                s = self._sandboxes.get(key)
+                if s is not None and s.proc.poll() is None:
+                    return s
+            s = self._claim(key, claims)
+            with self._lock:
+                self._sandboxes[key] = s
+                self._starting.pop(key, None)
             return s
 
-    def _spawn(self, key: tuple, claims: dict) -> SandboxHandle:
+    def _claim(self, key: tuple, claims: dict) -> SandboxHandle:
+        """Pin a started sandbox process to this session's slice and user."""
         devices = [self.devices[i] for i in claims["gpus"]]
         simulated = all(d.simulated for d in devices)
+        proc, ctl = self._take_spare()
         workdir = tempfile.mkdtemp(prefix="session-", dir=self._root)
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        config = {"ctl_fd": child.fileno(), "agent_pid": os.getpid(), "simulated": simulated,
-                  "workdir": workdir, "max_payload": self.settings.max_payload}
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": workdir,
-            "LANG": os.environ.get("LANG", "C.UTF-8"),
-            "PYTHONUNBUFFERED": "1",
-            "GPU_ATTACH_SANDBOX": json.dumps(config),
+        claim = {
+            "op": "claim", "simulated": simulated, "workdir": workdir, "max_payload": self.settings.max_payload,
             # Real GPUs are pinned by UUID, which does not depend on device enumeration order.
-            "CUDA_VISIBLE_DEVICES": "" if simulated else ",".join(d.uuid for d in devices),
-            "GPU_ATTACH_SIMULATED": "1" if simulated else "0",
+            "env": {"HOME": workdir, "CUDA_VISIBLE_DEVICES": "" if simulated else ",".join(d.uuid for d in devices),
+                    "GPU_ATTACH_SIMULATED": "1" if simulated else "0"},
         }
-        for name in ("PYTHONPATH", "VIRTUAL_ENV", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS"):
-            if name in os.environ:
-                env[name] = os.environ[name]
-        kwargs = {}
         if self.settings.sandbox_user:
             import pwd
 
             pw = pwd.getpwnam(self.settings.sandbox_user)
             os.chown(workdir, pw.pw_uid, pw.pw_gid)
-            kwargs = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gpu_attach_server.agent.sandbox"],
-            env=env, cwd=workdir, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
-            start_new_session=True, **kwargs)
-        child.close()
-        ready = json.loads(parent.recv(65536) or b"{}")
+            claim.update(uid=pw.pw_uid, gid=pw.pw_gid)
+        try:
+            ctl.send(json.dumps(claim).encode())
+            ready = json.loads(ctl.recv(65536) or b"{}")
+        except OSError:
+            ready = {}
         if ready.get("op") != "ready":
-            proc.kill()
-            raise RuntimeError("the sandbox process did not start")
-        handle = SandboxHandle(key, proc, parent, workdir)
+            _killpg(proc)
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise RuntimeError(f"the sandbox process did not start: {ready.get('error', 'it exited')}")
+        handle = SandboxHandle(key, proc, ctl, workdir)
         threading.Thread(target=self._follow, args=(handle,), daemon=True).start()
         log.info("sandbox pid %d for user %s session %s on devices %s%s", proc.pid, key[0], key[1], list(key[2]),
                  " (simulated)" if simulated else "")
         return handle
+
+    def _take_spare(self) -> tuple[subprocess.Popen, socket.socket]:
+        """A started, not yet pinned sandbox process: the spare if one is waiting, else a new one.
+
+        A cell's lease starts before its sandbox exists; starting Python and importing NumPy
+        then would hold the GPU idle for a few hundred milliseconds, so a spare waits ready.
+        """
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if self.settings.spare_sandboxes and not self._stop.is_set():
+            threading.Thread(target=self._refill_spare, daemon=True).start()
+        if spare is not None and spare[0].poll() is None:
+            return spare
+        if spare is not None:
+            spare[1].close()
+        return self._start_sandbox_process()
+
+    def _refill_spare(self) -> None:
+        try:
+            spare = self._start_sandbox_process()
+        except Exception as e:  # no spare only means a slower next start
+            log.warning("could not start a spare sandbox: %s", e)
+            return
+        with self._lock:
+            if self._spare is None and not self._stop.is_set():
+                self._spare, spare = spare, None
+        if spare is not None:
+            _killpg(spare[0])
+            spare[1].close()
+
+    def _start_sandbox_process(self) -> tuple[subprocess.Popen, socket.socket]:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        boot = {"ctl_fd": child.fileno(), "agent_pid": os.getpid()}
+        # A clean environment: nothing of the agent's (its token above all) reaches user code.
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8"),
+               "PYTHONUNBUFFERED": "1", "GPU_ATTACH_SANDBOX": json.dumps(boot)}
+        for name in ("PYTHONPATH", "VIRTUAL_ENV", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS"):
+            if name in os.environ:
+                env[name] = os.environ[name]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gpu_attach_server.agent.sandbox"],
+            env=env, cwd=self._root, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
+        child.close()
+        started = json.loads(parent.recv(65536) or b"{}")
+        if started.get("op") != "started":
+            _killpg(proc)
+            parent.close()
+            raise RuntimeError(f"the sandbox process exited with code {proc.wait()} while starting")
+        return proc, parent
 
     def _follow(self, s: SandboxHandle) -> None:
         """Track what the sandbox is running from its control messages; clean up when it ends."""
@@ -258,10 +313,7 @@ class Agent:
         shutil.rmtree(s.workdir, ignore_errors=True)
 
     def _kill(self, s: SandboxHandle) -> None:
-        try:
-            os.killpg(s.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _killpg(s.proc)
         with self._lock:
             if self._sandboxes.get(s.key) is s:
                 del self._sandboxes[s.key]
@@ -281,8 +333,19 @@ class Agent:
             pass
         with self._lock:
             sandboxes = list(self._sandboxes.values())
+            spare, self._spare = self._spare, None
         for s in sandboxes:
             self._kill(s)
+        if spare is not None:
+            _killpg(spare[0])
+
+
+def _killpg(proc: subprocess.Popen) -> None:
+    """Kill a sandbox and anything it started (it leads its own process group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _reject(conn: socket.socket, code: str, message: str) -> None:

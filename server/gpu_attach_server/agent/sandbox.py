@@ -279,15 +279,33 @@ def _watch_parent(agent_pid: int) -> None:
 
 
 def main() -> None:
-    config = json.loads(os.environ.pop("GPU_ATTACH_SANDBOX", "{}"))
-    ctl = socket.socket(fileno=int(config["ctl_fd"]))
-    threading.Thread(target=_watch_parent, args=(int(config["agent_pid"]),), daemon=True).start()
-    if config.get("simulated"):
-        from . import simulated_cupy
+    """Start, wait to be claimed for a session (pinned to its slice, as its user), then serve it."""
+    boot = json.loads(os.environ.pop("GPU_ATTACH_SANDBOX", "{}"))
+    ctl = socket.socket(fileno=int(boot["ctl_fd"]))
+    threading.Thread(target=_watch_parent, args=(int(boot["agent_pid"]),), daemon=True).start()
+    import numpy  # noqa: F401  most cells use it; importing it touches no GPU
 
-        sys.modules["cupy"] = simulated_cupy
-    os.chdir(config.get("workdir") or os.getcwd())
-    Sandbox(ctl, config).serve()
+    ctl.send(json.dumps({"op": "started", "pid": os.getpid()}).encode())
+    msg = ctl.recv(65536)
+    if not msg:
+        return  # the agent stopped before claiming us
+    claim = json.loads(msg)
+    try:
+        # Nothing has touched CUDA yet, so CUDA_VISIBLE_DEVICES set now still pins the process.
+        os.environ.update(claim["env"])
+        if claim.get("uid") is not None:
+            os.setgroups([])
+            os.setgid(claim["gid"])
+            os.setuid(claim["uid"])
+        if claim.get("simulated"):
+            from . import simulated_cupy
+
+            sys.modules["cupy"] = simulated_cupy
+        os.chdir(claim["workdir"])
+    except Exception as e:
+        ctl.send(json.dumps({"op": "failed", "error": f"{type(e).__name__}: {e}"}).encode())
+        return
+    Sandbox(ctl, claim).serve()
 
 
 if __name__ == "__main__":
