@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import secrets
 import shutil
 import signal
@@ -35,6 +36,9 @@ from .inventory import Device
 log = logging.getLogger("gpu_attach.agent")
 
 HELLO_LIMITS = wire.Limits(max_header_bytes=16384, max_buffers=0, max_payload_bytes=0)
+HELLO_TIMEOUT_S = 5.0  # for the whole hello, however slowly it trickles in
+SANDBOX_START_TIMEOUT_S = 60.0
+MAX_ADMISSIONS = 64  # connections waiting for their hello at once; more are closed at once
 
 
 @dataclass
@@ -60,6 +64,7 @@ class SandboxHandle:
     workdir: str
     running_lease: str | None = None
     cells: int = 0
+    dead: bool = False
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -75,11 +80,19 @@ class Agent:
         self._sandboxes: dict[tuple, SandboxHandle] = {}
         self._starting: dict[tuple, threading.Lock] = {}
         self._spare: tuple[subprocess.Popen, socket.socket] | None = None
+        self._cells: dict[int, tuple[socket.socket, SandboxHandle, str]] = {}
+        self._epoll = select.epoll()
+        self._admitted: dict[str, float] = {}  # lease -> expiry: each grant admits one cell
+        self._admitting = threading.BoundedSemaphore(MAX_ADMISSIONS)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # Admission waits on the kernel's hello; a pool keeps a slow client from blocking others
         # without paying for a new thread on every cell.
         self._admitters = ThreadPoolExecutor(max_workers=32, thread_name_prefix="admit")
+        # Sandboxes ask the kernel to kill them when the thread that started them ends
+        # (PR_SET_PDEATHSIG follows the thread, not the process), so one long-lived thread starts them all.
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawn")
+        self._own_root = settings.workdir is None
         self._root = settings.workdir or tempfile.mkdtemp(prefix="gpu-attach-agent-")
         self.listener = socket.create_server((settings.host, settings.port), backlog=128)
         self.port = self.listener.getsockname()[1]
@@ -127,9 +140,14 @@ class Agent:
     def _enforce(self, active: set[str]) -> None:
         """Stop every cell whose lease the broker no longer grants."""
         with self._lock:
-            doomed = [s for s in self._sandboxes.values() if s.running_lease and s.running_lease not in active]
-        for s in doomed:
-            log.warning("stopping the cell of lease %s: the lease has ended", s.running_lease)
+            running = [(s, s.running_lease) for s in self._sandboxes.values() if s.running_lease]
+        for s, lease in running:
+            if lease in active:
+                continue
+            with s.lock:  # the same cell still, not a newer one admitted since the snapshot
+                if s.running_lease != lease:
+                    continue
+            log.warning("stopping the cell of lease %s: the lease has ended", lease)
             self._kill(s)
 
     def _stop_all_cells(self, why: str) -> None:
@@ -144,39 +162,60 @@ class Agent:
     def serve_forever(self) -> None:
         """Beat and accept cells until :meth:`stop`; call :meth:`register` first."""
         if self.settings.spare_sandboxes:
-            threading.Thread(target=self._refill_spare, daemon=True).start()
+            self._spawner.submit(self._refill_spare)
         threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True).start()
+        threading.Thread(target=self._watch_cells_forever, name="cell-watch", daemon=True).start()
         while not self._stop.is_set():
             try:
                 conn, _ = self.listener.accept()
-            except OSError:
+            except OSError as e:
                 if self._stop.is_set():
                     return
-                raise
+                log.warning("accept failed (%s); backing off", e)  # e.g. out of file descriptors
+                time.sleep(0.1)
+                continue
+            if not self._admitting.acquire(blocking=False):
+                _reject(conn, "busy", "the agent has too many connections waiting; try again", drain=False)
+                conn.close()
+                continue
             self._admitters.submit(self._admit, conn)
 
     def _admit(self, conn: socket.socket) -> None:
         """Verify the hello frame's grant and hand the connection to the session's sandbox."""
+        watched = False
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(10)
-            hello = wire.recv_frame(conn, HELLO_LIMITS)
+            hello = wire.recv_frame(_Deadline(conn, HELLO_TIMEOUT_S), HELLO_LIMITS)
             if hello.op != "hello":
                 raise GrantTokenError("the first frame must be a hello holding the grant token")
             claims = self.verifier.verify(hello.header.get("token", ""), agent_id=self.settings.agent_id)
             missing = [i for i in claims["gpus"] if i not in self.devices]
             if missing:
                 raise GrantTokenError(f"this agent has no device {missing}")
+            self._admit_once(claims)
             conn.settimeout(None)
-            sandbox = self._sandbox_for(claims)
-            with sandbox.lock:
-                sandbox.running_lease = claims["lease"]
-                sandbox.last_used = time.monotonic()
-                # A kernel with a large run frame waits for this before sending it; a small
-                # one was pipelined right behind the hello and is already waiting for the sandbox.
-                wire.send_frame(conn, {"op": "admitted", "sandbox_pid": sandbox.proc.pid, "warm": sandbox.cells > 0})
-                sandbox.cells += 1
-                socket.send_fds(sandbox.ctl, [json.dumps({"op": "cell", "claims": claims}).encode()], [conn.fileno()])
+            for _ in range(2):  # a sandbox killed (idle, lease ended) just as we picked it: once more
+                sandbox = self._sandbox_for(claims)
+                with sandbox.lock:
+                    if sandbox.dead:
+                        continue
+                    if sandbox.running_lease:
+                        raise GrantTokenError("a cell of this session is already running; wait for it to finish")
+                    sandbox.running_lease = claims["lease"]
+                    sandbox.last_used = time.monotonic()
+                    sandbox.cells += 1
+                    _signal_group(sandbox.proc, signal.SIGCONT)  # frozen since its last cell
+                    # A kernel with a large run frame waits for this before sending it; a small
+                    # one was pipelined right behind the hello and is already waiting.
+                    wire.send_frame(conn, {"op": "admitted", "sandbox_pid": sandbox.proc.pid,
+                                           "warm": sandbox.cells > 1})
+                    socket.send_fds(sandbox.ctl, [json.dumps({"op": "cell", "claims": claims}).encode()],
+                                    [conn.fileno()])
+                    self._watch_cell(conn, sandbox, claims["lease"])
+                    watched = True
+                break
+            else:
+                raise RuntimeError("the session's sandbox kept dying as it was picked")
         except GrantTokenError as e:
             _reject(conn, "bad_grant", str(e))
         except wire.WireError as e:
@@ -185,7 +224,57 @@ class Agent:
             log.exception("could not admit a cell")
             _reject(conn, "agent_error", f"the agent could not start the cell: {e}")
         finally:
-            conn.close()
+            if not watched:
+                conn.close()
+            self._admitting.release()
+
+    def _admit_once(self, claims: dict) -> None:
+        """A grant admits one cell: a token seen before (a replay) is refused."""
+        now = time.time()
+        with self._lock:
+            if claims["lease"] in self._admitted:
+                raise GrantTokenError("this grant was used already; each cell needs a new lease")
+            self._admitted[claims["lease"]] = float(claims["exp"])
+            if len(self._admitted) > 4096:
+                self._admitted = {k: v for k, v in self._admitted.items() if v + 60 > now}
+
+    # -- cells: the agent's own view of what runs ---------------------------------------------------
+    # A cell runs from its admission until the kernel's connection closes. The agent watches its
+    # own copy of that connection, so nothing the sandbox (user code) says can stretch a cell;
+    # between cells the sandbox is frozen (SIGSTOP), so nothing it started keeps running either.
+
+    def _watch_cell(self, conn: socket.socket, sandbox: "SandboxHandle", lease: str) -> None:
+        with self._lock:
+            self._cells[conn.fileno()] = (conn, sandbox, lease)
+        self._epoll.register(conn.fileno(), select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)
+
+    def _watch_cells_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                events = self._epoll.poll(0.5)
+            except OSError:
+                return
+            for fd, _ in events:
+                with self._lock:
+                    entry = self._cells.pop(fd, None)
+                if entry is None:
+                    continue
+                conn, sandbox, lease = entry
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass
+                conn.close()
+                self._cell_over(sandbox, lease)
+
+    def _cell_over(self, sandbox: "SandboxHandle", lease: str) -> None:
+        with sandbox.lock:
+            if sandbox.running_lease != lease:
+                return
+            sandbox.running_lease = None
+            sandbox.last_used = time.monotonic()
+            if not sandbox.dead:
+                _signal_group(sandbox.proc, signal.SIGSTOP)
 
     # -- sandboxes ------------------------------------------------------------------------------
 
@@ -228,12 +317,16 @@ class Agent:
             os.chown(workdir, pw.pw_uid, pw.pw_gid)
             claim.update(uid=pw.pw_uid, gid=pw.pw_gid)
         try:
+            ctl.settimeout(SANDBOX_START_TIMEOUT_S)
             ctl.send(json.dumps(claim).encode())
             ready = json.loads(ctl.recv(65536) or b"{}")
-        except OSError:
+            ctl.settimeout(None)
+        except (OSError, ValueError):
             ready = {}
         if ready.get("op") != "ready":
             _killpg(proc)
+            proc.wait()
+            ctl.close()
             shutil.rmtree(workdir, ignore_errors=True)
             raise RuntimeError(f"the sandbox process did not start: {ready.get('error', 'it exited')}")
         handle = SandboxHandle(key, proc, ctl, workdir)
@@ -251,12 +344,12 @@ class Agent:
         with self._lock:
             spare, self._spare = self._spare, None
         if self.settings.spare_sandboxes and not self._stop.is_set():
-            threading.Thread(target=self._refill_spare, daemon=True).start()
+            self._spawner.submit(self._refill_spare)
         if spare is not None and spare[0].poll() is None:
             return spare
         if spare is not None:
             spare[1].close()
-        return self._start_sandbox_process()
+        return self._spawner.submit(self._start_sandbox_process).result()
 
     def _refill_spare(self) -> None:
         try:
@@ -284,7 +377,12 @@ class Agent:
             [sys.executable, "-m", "gpu_attach_server.agent.sandbox"],
             env=env, cwd=self._root, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
         child.close()
-        started = json.loads(parent.recv(65536) or b"{}")
+        parent.settimeout(SANDBOX_START_TIMEOUT_S)
+        try:
+            started = json.loads(parent.recv(65536) or b"{}")
+        except (OSError, ValueError):
+            started = {}
+        parent.settimeout(None)
         if started.get("op") != "started":
             _killpg(proc)
             parent.close()
@@ -292,7 +390,9 @@ class Agent:
         return proc, parent
 
     def _follow(self, s: SandboxHandle) -> None:
-        """Track what the sandbox is running from its control messages; clean up when it ends."""
+        """Wait for the sandbox's control socket to close (it exited), then clean up after it.
+
+        What the sandbox says here is never trusted for enforcement: user code runs in it."""
         while True:
             try:
                 msg = s.ctl.recv(65536)
@@ -300,20 +400,26 @@ class Agent:
                 msg = b""
             if not msg:
                 break
-            event = json.loads(msg)
-            if event.get("op") == "done":
-                with s.lock:
-                    if s.running_lease == event.get("lease"):
-                        s.running_lease = None
-                    s.last_used = time.monotonic()
+        self._kill(s)
         s.proc.wait()
-        with self._lock:
-            if self._sandboxes.get(s.key) is s:
-                del self._sandboxes[s.key]
+        s.ctl.close()
         shutil.rmtree(s.workdir, ignore_errors=True)
 
     def _kill(self, s: SandboxHandle) -> None:
-        _killpg(s.proc)
+        with s.lock:
+            s.dead = True
+            _killpg(s.proc)
+        with self._lock:
+            cells = [(fd, conn) for fd, (conn, sandbox, _) in self._cells.items() if sandbox is s]
+            for fd, _ in cells:
+                del self._cells[fd]
+        for fd, conn in cells:  # our copy of the kernel's connection would keep it open: hang up
+            try:
+                self._epoll.unregister(fd)
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
         with self._lock:
             if self._sandboxes.get(s.key) is s:
                 del self._sandboxes[s.key]
@@ -323,10 +429,17 @@ class Agent:
         with self._lock:
             idle = [s for s in self._sandboxes.values() if not s.running_lease and s.last_used < cutoff]
         for s in idle:
+            with s.lock:
+                if s.running_lease or s.last_used >= cutoff:
+                    continue
             self._kill(s)
 
     def stop(self) -> None:
         self._stop.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked in serve_forever
+        except OSError:
+            pass
         try:
             self.listener.close()
         except OSError:
@@ -338,25 +451,65 @@ class Agent:
             self._kill(s)
         if spare is not None:
             _killpg(spare[0])
+        if self._own_root:
+            shutil.rmtree(self._root, ignore_errors=True)
 
 
 def _killpg(proc: subprocess.Popen) -> None:
     """Kill a sandbox and anything it started (it leads its own process group)."""
+    _signal_group(proc, signal.SIGKILL)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
         pass
 
 
-def _reject(conn: socket.socket, code: str, message: str) -> None:
+class _Deadline:
+    """A socket view whose reads share one deadline: a hello that trickles in byte by byte
+    cannot hold an admission slot longer than the deadline."""
+
+    def __init__(self, sock: socket.socket, seconds: float):
+        self._sock, self._end = sock, time.monotonic() + seconds
+
+    def _arm(self):
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise wire.WireError("the hello did not arrive in time")
+        self._sock.settimeout(left)
+
+    def recv(self, n, flags=0):
+        self._arm()
+        try:
+            return self._sock.recv(n, flags)
+        except socket.timeout:
+            raise wire.WireError("the hello did not arrive in time") from None
+
+    def recv_into(self, buf, n=0):
+        self._arm()
+        try:
+            return self._sock.recv_into(buf, n)
+        except socket.timeout:
+            raise wire.WireError("the hello did not arrive in time") from None
+
+
+def _reject(conn: socket.socket, code: str, message: str, drain: bool = True) -> None:
     """Send the refusal, then read and drop what the kernel may have pipelined behind its hello:
     closing with unread data would reset the connection and could destroy the refusal in flight."""
     try:
-        wire.send_frame(conn, {"op": "reject", "code": code, "message": message})
-        conn.shutdown(socket.SHUT_WR)
         conn.settimeout(1.0)
-        drained = 0
+        wire.send_frame(conn, {"op": "reject", "code": code, "message": message})
+        if not drain:
+            return
+        conn.shutdown(socket.SHUT_WR)
+        drained, deadline = 0, time.monotonic() + 1.0
         while drained < wire.PIPELINE_MAX_BYTES + HELLO_LIMITS.max_header_bytes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            conn.settimeout(left)
             chunk = conn.recv(65536)
             if not chunk:
                 break

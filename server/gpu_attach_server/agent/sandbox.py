@@ -9,11 +9,14 @@ this process without passing through the agent. It never outlives the agent.
 from __future__ import annotations
 
 import builtins
+import codecs
+import ctypes
 import gc
 import json
 import linecache
 import os
 import queue
+import select
 import signal
 import socket
 import sys
@@ -26,18 +29,24 @@ from jupyter_gpu_attach import wire
 CELL_PREFIX = "<gpu-cell-"
 
 
-class _StreamToClient:
-    """A text stream that forwards writes to the kernel as ``stream`` frames, live."""
+class _Output:
+    """``sys.stdout`` / ``sys.stderr`` for the sandbox's whole life, and what the process writes to
+    its file descriptors 1 and 2: everything goes to the running cell as ``stream`` frames, live
+    (and is dropped between cells). One object for the whole life, so a handler that captured the
+    stream in one cell (``logging.basicConfig``) still reaches the notebook in the next."""
 
-    def __init__(self, cell: "_Cell", name: str):
-        self._cell, self.name = cell, name
+    def __init__(self, sandbox: "Sandbox", name: str):
+        self._sandbox, self.name = sandbox, name
+        self._lock = threading.RLock()
         self._pending: list[str] = []
         self._size = 0
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        with self._cell.lock:
+        with self._lock:
+            if self._sandbox.current is None:
+                return len(text)
             self._pending.append(text)
             self._size += len(text)
             if "\n" in text or self._size > 8192:
@@ -45,13 +54,14 @@ class _StreamToClient:
         return len(text)
 
     def flush(self) -> None:
-        with self._cell.lock:
+        with self._lock:
             self._flush_locked()
 
     def _flush_locked(self) -> None:
-        if self._pending:
-            text, self._pending, self._size = "".join(self._pending), [], 0
-            self._cell.send({"op": "stream", "name": self.name, "text": text})
+        cell = self._sandbox.current
+        if self._pending and cell is not None:
+            cell.send({"op": "stream", "name": self.name, "text": "".join(self._pending)})
+        self._pending, self._size = [], 0
 
     def isatty(self) -> bool:
         return False
@@ -59,9 +69,47 @@ class _StreamToClient:
     def writable(self) -> bool:
         return True
 
+    def fileno(self) -> int:
+        return 1 if self.name == "stdout" else 2
+
     @property
     def encoding(self) -> str:
         return "utf-8"
+
+
+class _FdCapture:
+    """Point file descriptors 1 and 2 at pipes and forward what arrives (from C code, from
+    subprocesses a cell starts) to the matching :class:`_Output`. Nothing blocks on a full pipe."""
+
+    def __init__(self, outputs: dict[int, _Output]):
+        self._lock = threading.Lock()
+        self._readers: dict[int, tuple[_Output, codecs.IncrementalDecoder]] = {}
+        for fd, out in outputs.items():
+            r, w = os.pipe()
+            os.dup2(w, fd)
+            os.close(w)
+            os.set_blocking(r, False)
+            self._readers[r] = (out, codecs.getincrementaldecoder("utf-8")(errors="replace"))
+        threading.Thread(target=self._pump, name="fd-capture", daemon=True).start()
+
+    def _pump(self) -> None:
+        while True:
+            ready, _, _ = select.select(list(self._readers), [], [])
+            self.drain(ready)
+
+    def drain(self, fds=None) -> None:
+        """Forward whatever is waiting now (called at the end of each cell, before its result)."""
+        with self._lock:
+            for r in fds if fds is not None else list(self._readers):
+                out, decoder = self._readers[r]
+                while True:
+                    try:
+                        chunk = os.read(r, 65536)
+                    except BlockingIOError:
+                        break
+                    if not chunk:
+                        break
+                    out.write(decoder.decode(chunk))
 
 
 class _Cell:
@@ -102,16 +150,28 @@ def _interrupt_main() -> None:
 
 
 class Sandbox:
-    def __init__(self, ctl: socket.socket, config: dict):
+    def __init__(self, ctl: socket.socket, config: dict, capture_fds: bool = True):
         self.ctl = ctl
         self.config = config
         self.cells_run = 0
         self.recycler = wire.BufferRecycler()
         self.limits = wire.Limits(max_payload_bytes=int(config.get("max_payload", wire.MAX_PAYLOAD_BYTES)))
+        self.current: _Cell | None = None
+        self.out, self.err = _Output(self, "stdout"), _Output(self, "stderr")
+        sys.stdout, sys.stderr = self.out, self.err
+        self.fds = _FdCapture({1: self.out, 2: self.err}) if capture_fds else None
+        # SIGINT (the kernel's stop button, relayed) interrupts user code only: one that lands
+        # while the sandbox itself is sending a reply must not cut the reply in half.
+        self._in_user_code = False
+        signal.signal(signal.SIGINT, self._on_sigint)
         # One long-lived thread watches the running cell's connection for an interrupt (or the
         # kernel hanging up); starting a thread per cell would cost more than a trivial cell.
         self._watch: queue.SimpleQueue[_Cell] = queue.SimpleQueue()
         threading.Thread(target=self._watch_cells, name="interrupt-watch", daemon=True).start()
+
+    def _on_sigint(self, signum, frame):
+        if self._in_user_code:
+            raise KeyboardInterrupt
 
     def _watch_cells(self) -> None:
         while True:
@@ -133,8 +193,6 @@ class Sandbox:
             claims = request["claims"]
             try:
                 self.run_cell(conn, claims)
-            except KeyboardInterrupt:
-                pass  # an interrupt that landed just as the cell finished: the cell is over either way
             finally:
                 try:
                     conn.shutdown(socket.SHUT_RDWR)
@@ -148,22 +206,25 @@ class Sandbox:
     # -- one cell -------------------------------------------------------------------------------
 
     def run_cell(self, conn: socket.socket, claims: dict) -> None:
-        lease = claims["lease"]
         cell = _Cell(conn)
         try:
             conn.settimeout(30)
             frame = wire.recv_frame(conn, self.limits, self.recycler)
             conn.settimeout(None)
         except (wire.WireError, OSError) as e:
-            self._report({"op": "done", "lease": lease, "ok": False, "error": f"bad run frame: {e}"})
             cell.send({"op": "error", "etype": "gpu_attach.ProtocolError", "message": str(e), "traceback": ""})
             return
-        self._report({"op": "started", "lease": lease})
-        ok, reply, buffers = self._execute(cell, frame, claims)
+        self.current = cell
+        try:
+            ok, reply, buffers = self._execute(cell, frame, claims)
+            if self.fds is not None:
+                self.fds.drain()
+            self.out.flush(), self.err.flush()
+        finally:
+            self.current = None
         self.recycler.keep(frame.buffers)
         del frame
         self._after_cell()
-        self._report({"op": "done", "lease": lease, "ok": ok})
         cell.finished.set()
         cell.send(reply, buffers)
 
@@ -183,24 +244,19 @@ class Sandbox:
         self._limit_memory(claims)
         ns = {"__name__": "__main__", "__builtins__": builtins}
         ns.update(inputs)
-        out, err = _StreamToClient(cell, "stdout"), _StreamToClient(cell, "stderr")
-        saved = sys.stdout, sys.stderr
         t0 = time.perf_counter()
         try:
             code = compile(source, filename, "exec")
             linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-            sys.stdout, sys.stderr = out, err
             self._watch.put(cell)
-            exec(code, ns)
+            self._in_user_code = True
+            try:
+                exec(code, ns)
+            finally:
+                self._in_user_code = False
+                cell.finished.set()
         except BaseException as e:  # the cell's own error, KeyboardInterrupt included, goes back
-            cell.finished.set()
-            sys.stdout, sys.stderr = saved
-            out.flush(), err.flush()
             return False, *_exception_reply(e, time.perf_counter() - t0)
-        finally:
-            cell.finished.set()
-            sys.stdout, sys.stderr = saved
-        out.flush(), err.flush()
         elapsed = time.perf_counter() - t0
 
         bound = [n for n in h.get("bound", []) if isinstance(n, str)]
@@ -270,6 +326,17 @@ def _exception_reply(exc: BaseException, elapsed: float):
     return reply, buffers
 
 
+def _die_with_parent(agent_pid: int) -> None:
+    """Ask Linux to SIGKILL us when the agent's spawning thread ends; unlike a watcher thread,
+    this works while the sandbox is frozen between cells."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != agent_pid:  # the agent died before the request took effect
+        os._exit(70)
+
+
 def _watch_parent(agent_pid: int) -> None:
     """Exit as soon as the agent is gone, so no cell keeps running without its agent."""
     while True:
@@ -281,6 +348,7 @@ def _watch_parent(agent_pid: int) -> None:
 def main() -> None:
     """Start, wait to be claimed for a session (pinned to its slice, as its user), then serve it."""
     boot = json.loads(os.environ.pop("GPU_ATTACH_SANDBOX", "{}"))
+    _die_with_parent(int(boot["agent_pid"]))
     ctl = socket.socket(fileno=int(boot["ctl_fd"]))
     threading.Thread(target=_watch_parent, args=(int(boot["agent_pid"]),), daemon=True).start()
     import numpy  # noqa: F401  most cells use it; importing it touches no GPU
