@@ -18,11 +18,17 @@ from pathlib import Path
 
 class EmbeddedPool:
     def __init__(self, timeout: float = 60.0):
-        self.state_dir = os.environ.get("GPU_ATTACH_STATE_DIR") or tempfile.mkdtemp(prefix="gpu-attach-embedded-")
-        Path(self.state_dir).mkdir(parents=True, exist_ok=True)
-        self.log_path = Path(self.state_dir) / "embedded.log"
         cmd = [sys.executable, "-m", "gpu_attach_server.cli", "--log-level", "info", "up", "--json",
-               "--state-dir", self.state_dir, "--exit-with-parent", str(os.getpid())]
+               "--exit-with-parent", str(os.getpid())]
+        state_dir = os.environ.get("GPU_ATTACH_STATE_DIR")
+        if state_dir:  # kept afterwards (the demo reads the broker's records from it)
+            Path(state_dir).mkdir(parents=True, exist_ok=True)
+            cmd += ["--state-dir", state_dir]
+            self.log_path = Path(state_dir) / "embedded.log"
+        else:  # `up` makes a private state folder (signing key included) and removes it on exit
+            fd, name = tempfile.mkstemp(prefix=f"gpu-attach-embedded-{os.getpid()}-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
         # The broker's and agent's logs go to a file: in a kernel, inherited stderr would land in cells.
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True)

@@ -7,6 +7,7 @@ releases; the magics, the widget and the Python API are shells around it. No IPy
 from __future__ import annotations
 
 import secrets
+import select
 import socket
 import sys
 import threading
@@ -223,17 +224,19 @@ def _exchange(lease: dict, header: dict, buffers: list, timeout: float | None, s
                 interrupted_at, why_interrupted = time.monotonic(), "timeout"
                 wire.send_frame(sock, {"op": "interrupt"})
                 continue
-            sock.settimeout(wait)
+            # Deadlines and the stop button act only between frames: a frame, once begun, is read
+            # whole, or the stream could not be resumed.
             try:
-                frame = wire.recv_frame(sock)
-            except socket.timeout:
-                continue
+                ready = select.select([sock], [], [], wait)[0]
             except KeyboardInterrupt:
                 if interrupted_at is not None:
                     raise  # a second interrupt: stop waiting for the remote code
                 interrupted_at, why_interrupted = time.monotonic(), "interrupt"
                 wire.send_frame(sock, {"op": "interrupt"})
                 continue
+            if not ready:
+                continue
+            frame = wire.recv_frame(sock)  # an interrupt mid-frame ends the exchange (and so the cell)
             if frame.op == "stream":
                 (stderr if frame.header.get("name") == "stderr" else stdout).write(frame.header.get("text", ""))
                 continue

@@ -21,6 +21,7 @@ TOKENS = {
     "agent": "agent-token-0123456789abcdef",
     "alice": "alice-token-0123456789abcdef",
     "bob": "bob-token-0123456789abcdef-bob",
+    "agent9": "agent9-token-0123456789abcdef",  # bound to agent id gpu-host-9
 }
 
 
@@ -65,6 +66,7 @@ class Site:
 
     def env(self) -> dict:
         return dict(os.environ, GPU_ATTACH_ADMIN_TOKEN=TOKENS["admin"], GPU_ATTACH_AGENT_TOKEN=TOKENS["agent"],
+                    GPU_ATTACH_AGENT_TOKENS=f"gpu-host-9:{TOKENS['agent9']}",
                     GPU_ATTACH_USER_TOKENS=f"alice:{TOKENS['alice']},bob:{TOKENS['bob']}")
 
     def start_broker(self) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import ipaddress
 import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,16 +60,18 @@ def _listen(host: str, port: int, fd: int | None) -> socket.socket:
 
 
 def _load_tokens(args) -> dict:
-    tokens = {"admin": None, "agent": None, "users": {}}
+    tokens = {"admin": None, "agent": None, "users": {}, "agents": {}}
     if getattr(args, "tokens_file", None):
         data = json.loads(Path(args.tokens_file).read_text())
         tokens.update({k: data.get(k) for k in ("admin", "agent")})
         tokens["users"] = dict(data.get("users") or {})
+        tokens["agents"] = dict(data.get("agents") or {})
     from .broker.auth import parse_user_tokens
 
     tokens["admin"] = os.environ.get("GPU_ATTACH_ADMIN_TOKEN") or tokens["admin"]
     tokens["agent"] = os.environ.get("GPU_ATTACH_AGENT_TOKEN") or tokens["agent"]
     tokens["users"].update(parse_user_tokens(os.environ.get("GPU_ATTACH_USER_TOKENS", "")))
+    tokens["agents"].update(parse_user_tokens(os.environ.get("GPU_ATTACH_AGENT_TOKENS", "")))
     return tokens
 
 
@@ -83,14 +87,15 @@ def run_broker(args) -> int:
     state = Path(args.state_dir).expanduser()
     state.mkdir(parents=True, exist_ok=True)
     tokens = _load_tokens(args)
-    if not tokens["agent"]:
-        print("gpu-attach broker: set GPU_ATTACH_AGENT_TOKEN (agents authenticate with it)", file=sys.stderr)
+    if not tokens["agent"] and not tokens["agents"]:
+        print("gpu-attach broker: set GPU_ATTACH_AGENT_TOKENS=\"host1:TOKEN,host2:TOKEN\" (one token per agent, "
+              "bound to its --name) or GPU_ATTACH_AGENT_TOKEN (one token any agent may use)", file=sys.stderr)
         return 2
     if not tokens["users"] and not tokens["admin"]:
         print("gpu-attach broker: no user can log in: set GPU_ATTACH_USER_TOKENS or GPU_ATTACH_ADMIN_TOKEN",
               file=sys.stderr)
         return 2
-    book = TokenBook(tokens["users"], tokens["admin"], tokens["agent"])
+    book = TokenBook(tokens["users"], tokens["admin"], tokens["agent"], tokens["agents"])
     store = Store(make_engine(args.db or str(state / "broker.sqlite")))
     signer = GrantSigner.from_file(args.key_file or state / "broker-ed25519.pem")
     settings = BrokerSettings(lease_ttl_s=args.lease_ttl, heartbeat_interval_s=args.heartbeat_interval,
@@ -127,6 +132,12 @@ def run_agent(args) -> int:
     if not token:
         print("gpu-attach agent: set GPU_ATTACH_AGENT_TOKEN or --agent-token-file", file=sys.stderr)
         return 2
+    if (os.geteuid() == 0 and not args.sandbox_user
+            and not ipaddress.ip_address(socket.gethostbyname(args.host)).is_loopback):
+        print("gpu-attach agent: this agent runs as root and serves other hosts: cells would run as root too. "
+              "Pass --sandbox-user USER (an unprivileged account) so user code cannot reach the agent.",
+              file=sys.stderr)
+        return 2
     devices, why = discover(args.simulate, parse_size(args.memory), args.pool)
     log.info("agent inventory: %s", why)
     settings = AgentSettings(
@@ -135,12 +146,13 @@ def run_agent(args) -> int:
         max_payload=parse_size(args.max_payload), sandbox_idle_s=args.sandbox_idle,
         sandbox_user=args.sandbox_user, spare_sandboxes=args.spare_sandboxes)
     agent = Agent(settings, devices)
-    for attempt in range(100):
+    deadline = time.monotonic() + 60
+    while True:
         try:
             agent.register()
             break
-        except Exception as e:  # the broker may still be starting
-            if attempt == 99:
+        except Exception as e:  # the broker may still be starting, or our previous run not yet timed out
+            if time.monotonic() > deadline:
                 print(f"gpu-attach agent: cannot register with {settings.broker_url}: {e}", file=sys.stderr)
                 return 1
             time.sleep(0.1)
@@ -174,6 +186,7 @@ class LocalPool:
         self.user_token = secrets.token_urlsafe(24)
         self.admin_token = secrets.token_urlsafe(24)
         self.agent_token = secrets.token_urlsafe(24)
+        self._own_state = state_dir is None  # a folder we made (it holds the signing key) goes with us
         self.state_dir = state_dir or tempfile.mkdtemp(prefix="gpu-attach-")
         self.procs: dict[str, subprocess.Popen] = {}
         sock = socket.create_server((host, port), backlog=512)
@@ -236,6 +249,8 @@ class LocalPool:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if self._own_state:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 def _safe_user() -> str:

@@ -4,6 +4,7 @@ from the broker's own records, that the GPU was held only while ``%%gpu`` cells 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -59,6 +60,7 @@ def run(args) -> int:
         print(f"\ngpu-attach demo: a cell failed:\n{failed}", file=sys.stderr)
         return 1
     ok = print_timeline(nb, Path(state) / "broker.sqlite")
+    shutil.rmtree(state, ignore_errors=True)  # it holds the embedded broker's signing key
     return 0 if ok else 1
 
 

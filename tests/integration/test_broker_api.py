@@ -49,6 +49,19 @@ def test_roles_are_kept_apart(site):
         assert alice.post("/v1/agents/gpu-host-1/heartbeat", json={"incarnation": "x"}).status_code == 403
 
 
+def test_an_agent_token_bound_to_an_id_acts_only_as_that_agent(site):
+    device = {"index": 0, "uuid": "GPU-x", "model": "m", "memory": 1 << 30, "simulated": True}
+    with httpx.Client(base_url=site.url, headers={"Authorization": f"Bearer {TOKENS['agent9']}"}) as a9:
+        r = a9.post("/v1/agents", json={"agent_id": "gpu-host-1", "address": "127.0.0.1:1", "devices": [device]})
+        assert r.status_code == 403 and "gpu-host-9" in r.json()["detail"]
+        assert a9.post("/v1/agents/gpu-host-1/heartbeat", json={"incarnation": "x"}).status_code == 403
+        # A live agent's id cannot be taken over from another address, even with the shared token.
+    with httpx.Client(base_url=site.url, headers={"Authorization": f"Bearer {TOKENS['agent']}"}) as shared:
+        r = shared.post("/v1/agents", json={"agent_id": "gpu-host-1", "address": "127.0.0.1:1", "devices": [device]})
+        assert r.status_code == 409 and "in use by a live agent" in r.json()["detail"]
+    assert all(g["agent_state"] == "up" for g in site.pool()["gpus"])
+
+
 def test_malformed_requests_get_422_naming_the_field(site):
     with site.client("alice") as c:
         r = c.post("/v1/leases", json={"session": "s", "fraction": 2})

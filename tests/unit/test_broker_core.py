@@ -107,7 +107,7 @@ def test_heartbeat_with_wrong_incarnation_conflicts(broker):
 def test_reregistering_fails_earlier_leases(broker):
     old = broker.reg["incarnation"]
     lease = broker.grant(ALICE, SliceRequest(fraction=0.5), "s")
-    reg2 = broker.register_agent("ag1", "127.0.0.1:9002", devices(2), "0.1")
+    reg2 = broker.register_agent("ag1", "127.0.0.1:9001", devices(2), "0.1")  # restarted, same address
     assert reg2["incarnation"] != old
     got = broker.get(ALICE, lease["id"])
     assert got["state"] == "failed"
@@ -116,6 +116,15 @@ def test_reregistering_fails_earlier_leases(broker):
     with pytest.raises(Conflict):
         broker.heartbeat("ag1", old)
     assert broker.heartbeat("ag1", reg2["incarnation"])["active"] == {}
+
+
+def test_a_live_agent_id_cannot_be_taken_from_another_address(broker):
+    with pytest.raises(Conflict) as info:
+        broker.register_agent("ag1", "10.9.9.9:1", devices(2), "0.1")
+    assert "in use by a live agent at 127.0.0.1:9001" in str(info.value)
+    broker.settings.agent_timeout_s = 0.0  # the live one stops beating: the id is free again
+    time.sleep(0.01)
+    assert broker.register_agent("ag1", "10.9.9.9:1", devices(2), "0.1")["agent_id"] == "ag1"
 
 
 # -- leases ---------------------------------------------------------------------------------

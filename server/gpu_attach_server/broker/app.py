@@ -148,12 +148,18 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
     async def pool(who: Principal = Depends(user)):
         return broker.pool()
 
+    def acting_as(who: Principal, agent_id: str) -> None:
+        if not who.may_act_as_agent(agent_id):
+            raise HTTPException(403, f"this agent token belongs to agent {who.name!r}, not {agent_id!r}")
+
     @app.post("/v1/agents", status_code=201)
     async def register_agent(body: AgentRegistration, who: Principal = Depends(agent)):
+        acting_as(who, body.agent_id)
         return broker.register_agent(body.agent_id, body.address, [d.model_dump() for d in body.devices], body.version)
 
     @app.post("/v1/agents/{agent_id}/heartbeat")
     async def heartbeat(agent_id: AgentId, body: Heartbeat, who: Principal = Depends(agent)):
+        acting_as(who, agent_id)
         return broker.heartbeat(agent_id, body.incarnation)
 
     def openapi():

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 USER_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
 
 
+#: The name of the shared agent token's principal: it may act as any agent id.
+ANY_AGENT = "*"
+
+
 @dataclass(frozen=True)
 class Principal:
     name: str
@@ -21,6 +25,10 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    def may_act_as_agent(self, agent_id: str) -> bool:
+        """An agent's own token binds it to its id; the shared agent token binds it to none."""
+        return self.role == "agent" and self.name in (ANY_AGENT, agent_id)
 
 
 def _digest(token: str) -> bytes:
@@ -31,19 +39,21 @@ class TokenBook:
     """The broker's credentials: ``{token: Principal}``, stored by digest."""
 
     def __init__(self, users: dict[str, str] | None = None, admin_token: str | None = None,
-                 agent_token: str | None = None):
+                 agent_token: str | None = None, agents: dict[str, str] | None = None):
         self._by_digest: dict[bytes, Principal] = {}
         for name, token in (users or {}).items():
             self.add(token, Principal(name, "user"))
         if admin_token:
             self.add(admin_token, Principal("admin", "admin"))
         if agent_token:
-            self.add(agent_token, Principal("agent", "agent"))
+            self.add(agent_token, Principal(ANY_AGENT, "agent"))
+        for agent_id, token in (agents or {}).items():
+            self.add(token, Principal(agent_id, "agent"))
 
     def add(self, token: str, who: Principal) -> None:
         if len(token) < 16:
             raise ValueError(f"the token for {who.name!r} is too short: use at least 16 random characters")
-        if not USER_NAME.match(who.name):
+        if who.name != ANY_AGENT and not USER_NAME.match(who.name):
             raise ValueError(f"user name {who.name!r} must be 1-128 letters, digits or . _ @ -")
         self._by_digest[_digest(token)] = who
 
@@ -52,7 +62,7 @@ class TokenBook:
 
 
 def parse_user_tokens(text: str) -> dict[str, str]:
-    """``"alice:TOKEN,bob:TOKEN"`` -> ``{"alice": "TOKEN", "bob": "TOKEN"}``."""
+    """``"alice:TOKEN,bob:TOKEN"`` -> ``{"alice": "TOKEN", "bob": "TOKEN"}`` (also for agent ids)."""
     users = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         name, sep, token = item.partition(":")

@@ -85,6 +85,12 @@ class Broker:
         t = now()
         incarnation = secrets.token_hex(8)
         with self.store.write() as conn:
+            live = conn.execute(select(agents.c.address).where(and_(
+                agents.c.id == agent_id, agents.c.state == "up",
+                agents.c.last_heartbeat >= t - self.settings.agent_timeout_s))).first()
+            if live is not None and live.address != address:
+                raise Conflict(f"agent id {agent_id!r} is in use by a live agent at {live.address}; give this "
+                               "agent another --name, or wait until that one stops beating")
             self.store.end_leases(conn, leases.c.agent_id == agent_id, "failed", "agent restarted", t)
             row = dict(id=agent_id, address=address, incarnation=incarnation, state="up",
                        registered_at=t, last_heartbeat=t, version=version)
