@@ -22,6 +22,7 @@ class BrokerClient:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"broker URL must look like http://HOST:PORT, got {url!r}")
         self.url = url.rstrip("/")
+        self.token = token
         self.timeout = timeout
         self._parts = parts
         self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}

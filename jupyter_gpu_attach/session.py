@@ -54,7 +54,9 @@ class _Renewer:
     """
 
     def __init__(self, broker: BrokerClient):
-        self.broker = broker
+        # Its own connection, so a renewal never queues behind the cell's own broker calls; and a
+        # short timeout, so one hung renewal cannot use up the lease it is meant to extend.
+        self.broker = BrokerClient(broker.url, broker.token, timeout=5.0)
         self.lost: dict[str, str] = {}
         self._lease: dict | None = None
         self._renewed_at = 0.0
@@ -75,7 +77,9 @@ class _Renewer:
                 self._wake.set()  # rare: a shorter TTL than before
 
     def untrack(self) -> None:
-        self._lease = None
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            self.lost.pop(lease["id"], None)
 
     def _run(self) -> None:
         while True:

@@ -44,6 +44,8 @@ def parse_size(text: str | int) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"not a size: {text!r} (write it like 2GiB, 512MiB or 8GB)")
     value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value > 2**60:
+        raise ValueError(f"size {text!r} is larger than any GPU (write it like 2GiB, 512MiB or 8GB)")
     if value < 1:
         raise ValueError(f"size must be at least 1 byte, got {text!r}")
     return int(value)

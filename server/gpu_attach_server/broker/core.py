@@ -190,23 +190,27 @@ class Broker:
         }
 
     def renew(self, who: Principal, lease_id: str) -> dict:
+        """Extend a granted lease by its TTL and sign a fresh grant token; an ended or late lease
+        stays ended (a late one is recorded as expired)."""
         t = now()
+        expires = t + self.settings.lease_ttl_s
         with self.store.write() as conn:
             row = self._owned(conn, who, lease_id)
+            # One conditional update decides, so a release or the reaper in between cannot be undone.
+            renewed = conn.execute(update(leases).where(and_(
+                leases.c.id == lease_id, leases.c.state == "granted", leases.c.expires_at >= t,
+            )).values(expires_at=expires)).rowcount
+            if not renewed and row.state == "granted":
+                self.store.end_lease(conn, lease_id, "expired", "not renewed before its TTL", t)
+            if renewed:
+                devices = [_device_json(dict(r._mapping)) for r in conn.execute(
+                    select(gpus).join(lease_gpus, lease_gpus.c.gpu_id == gpus.c.id)
+                    .where(lease_gpus.c.lease_id == lease_id).order_by(gpus.c.idx))]
+                memory = conn.execute(select(lease_gpus.c.memory).where(lease_gpus.c.lease_id == lease_id)).scalar()
+        if not renewed:
             if row.state != "granted":
                 raise Conflict(f"lease {lease_id} is {row.state} ({row.end_reason}); request a new one", state=row.state)
-            late = row.expires_at < t
-            if late:  # record the expiry, and raise only after the transaction commits
-                self.store.end_lease(conn, lease_id, "expired", "not renewed before its TTL", t)
-        if late:
             raise Conflict(f"lease {lease_id} expired before it was renewed; request a new one", state="expired")
-        with self.store.write() as conn:
-            expires = t + self.settings.lease_ttl_s
-            conn.execute(update(leases).where(leases.c.id == lease_id).values(expires_at=expires))
-            devices = [_device_json(dict(r._mapping)) for r in conn.execute(
-                select(gpus).join(lease_gpus, lease_gpus.c.gpu_id == gpus.c.id)
-                .where(lease_gpus.c.lease_id == lease_id).order_by(gpus.c.idx))]
-            memory = conn.execute(select(lease_gpus.c.memory).where(lease_gpus.c.lease_id == lease_id)).scalar()
         token = self._sign(lease_id, row.user, row.session, row.agent_id, devices, memory, expires)
         return {"id": lease_id, "state": "granted", "expires_at": expires, "token": token}
 

@@ -46,7 +46,7 @@ class Device(_Strict):
     index: int = Field(..., ge=0, le=1024)
     uuid: str = Field(..., max_length=128)
     model: str = Field(..., max_length=128)
-    memory: int = Field(..., gt=0)
+    memory: int = Field(..., gt=0, le=2**50)
     simulated: bool
     pool: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 

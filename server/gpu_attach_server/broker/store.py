@@ -107,7 +107,9 @@ def make_engine(url_or_path: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers take the write lock up front (no lock upgrade to fail halfway); readers
+            # take none, so they never wait behind a writer in WAL mode.
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("writer") else "BEGIN")
 
     else:
         engine = create_engine(url, pool_pre_ping=True)
@@ -130,8 +132,10 @@ class Store:
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        with self._write_lock, self.engine.begin() as conn:
-            yield conn
+        with self._write_lock, self.engine.connect() as conn:
+            conn.execution_options(writer=True)
+            with conn.begin():
+                yield conn
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
