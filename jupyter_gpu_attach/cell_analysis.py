@@ -10,6 +10,7 @@ not use cannot get in the way.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import symtable
 from dataclasses import dataclass
@@ -26,8 +27,12 @@ class CellNames:
     deletes: frozenset[str]
 
 
+@functools.lru_cache(maxsize=512)
 def analyse(source: str, filename: str = "<gpu-cell>") -> CellNames:
-    """Raise SyntaxError for a cell that does not parse, else return its names."""
+    """Raise SyntaxError for a cell that does not parse, else return its names.
+
+    Cached by source: a notebook re-runs the same cells, and parsing costs more than the rest
+    of a trivial cell's client side."""
     tree = ast.parse(source, filename=filename)
     table = symtable.symtable(source, filename, "exec")
     reads: set[str] = set()

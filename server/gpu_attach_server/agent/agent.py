@@ -199,7 +199,7 @@ class Agent:
                 with sandbox.lock:
                     if sandbox.dead:
                         continue
-                    if sandbox.running_lease:
+                    if sandbox.running_lease and not self._settle(sandbox):
                         raise GrantTokenError("a cell of this session is already running; wait for it to finish")
                     sandbox.running_lease = claims["lease"]
                     sandbox.last_used = time.monotonic()
@@ -266,6 +266,30 @@ class Agent:
                     pass
                 conn.close()
                 self._cell_over(sandbox, lease)
+
+    def _settle(self, sandbox: "SandboxHandle") -> bool:
+        """Called with the sandbox's lock held: True if its running cell's kernel has in fact hung
+        up (its next cell can arrive before the watcher thread has seen the previous one end)."""
+        with self._lock:
+            found = [(fd, conn) for fd, (conn, s, lease) in self._cells.items()
+                     if s is sandbox and lease == sandbox.running_lease]
+        if not found:
+            sandbox.running_lease = None
+            return True
+        fd, conn = found[0]
+        p = select.poll()
+        p.register(fd, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        if not p.poll(0):
+            return False
+        with self._lock:
+            self._cells.pop(fd, None)
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            pass
+        conn.close()
+        sandbox.running_lease = None
+        return True
 
     def _cell_over(self, sandbox: "SandboxHandle", lease: str) -> None:
         with sandbox.lock:
