@@ -498,23 +498,19 @@ class _Deadline:
     def __init__(self, sock: socket.socket, seconds: float):
         self._sock, self._end = sock, time.monotonic() + seconds
 
-    def _arm(self):
+    def recv(self, n, flags=0):
+        return self._within(self._sock.recv, n, flags)
+
+    def recv_into(self, buf, n=0):
+        return self._within(self._sock.recv_into, buf, n)
+
+    def _within(self, read, *args):
         left = self._end - time.monotonic()
         if left <= 0:
             raise wire.WireError("the hello did not arrive in time")
         self._sock.settimeout(left)
-
-    def recv(self, n, flags=0):
-        self._arm()
         try:
-            return self._sock.recv(n, flags)
-        except socket.timeout:
-            raise wire.WireError("the hello did not arrive in time") from None
-
-    def recv_into(self, buf, n=0):
-        self._arm()
-        try:
-            return self._sock.recv_into(buf, n)
+            return read(*args)
         except socket.timeout:
             raise wire.WireError("the hello did not arrive in time") from None
 
