@@ -58,7 +58,7 @@ class Site:
 
     tmp: Path
     heartbeat: float = 0.2
-    agent_timeout: float = 1.5
+    agent_timeout: float = 3.0
     lease_ttl: float = 30.0
     procs: list = field(default_factory=list)
     agents: dict = field(default_factory=dict)

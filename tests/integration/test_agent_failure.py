@@ -13,7 +13,7 @@ from conftest import TOKENS, Kernel
 
 
 def test_agent_killed_mid_cell(make_site):
-    site = make_site("doomed", heartbeat=0.2, agent_timeout=1.0)
+    site = make_site("doomed", heartbeat=0.2, agent_timeout=2.0)
     k = Kernel(dict(os.environ, GPU_ATTACH_BROKER_URL=site.url, GPU_ATTACH_TOKEN=TOKENS["alice"]))
     try:
         result = {}

@@ -346,12 +346,12 @@ def test_reap_leaves_live_leases_alone(broker):
 
 
 def test_reap_marks_silent_agent_down_and_fails_its_leases(tmp_path):
-    b = make_broker(tmp_path, lease_ttl_s=30.0, agent_timeout_s=0.25)
+    b = make_broker(tmp_path, lease_ttl_s=30.0, agent_timeout_s=1.0)
     reg = b.register_agent("ag", "h:1", devices(1), "v")
     b.register_agent("alive", "h:2", devices(1), "v")
     lease = b.grant(ALICE, SliceRequest(gpus=1), "s")
     assert lease["agent"]["id"] == "ag"
-    time.sleep(0.3)
+    time.sleep(1.1)
     alive = b.register_agent("alive", "h:2", devices(1), "v")  # fresh registration: just beat
     b.heartbeat("alive", alive["incarnation"])
     out = b.reap()
@@ -371,7 +371,7 @@ def test_reap_marks_silent_agent_down_and_fails_its_leases(tmp_path):
 
 
 def test_heartbeat_keeps_agent_up(tmp_path):
-    b = make_broker(tmp_path, agent_timeout_s=0.5)
+    b = make_broker(tmp_path, agent_timeout_s=2.0)
     reg = b.register_agent("ag", "h:1", devices(1), "v")
     for _ in range(3):
         time.sleep(0.1)
