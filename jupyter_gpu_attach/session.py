@@ -28,7 +28,10 @@ from .errors import (
     RemoteCellError,
     RemoteTraceback,
 )
-from .slices import SliceRequest
+from .slices import SliceRequest, format_size
+
+#: Inputs this large get a line of progress in the cell's output.
+LARGE_TRANSFER_BYTES = 256 * 1024**2
 
 #: After an interrupt or timeout, how long the remote code gets to stop before we hang up.
 INTERRUPT_GRACE_S = 5.0
@@ -151,6 +154,9 @@ class GPUSession:
                                  "this cell runs on the CPU, and `import cupy` gives a NumPy stand-in.\n")
                 header = {"op": "run", "source": source, "inputs": index,
                           "bound": sorted(names.binds), "deleted": sorted(names.deletes)}
+                size = sum(memoryview(b).nbytes for b in buffers)
+                if size >= LARGE_TRANSFER_BYTES:  # seconds of transfer: say so rather than look stuck
+                    stderr.write(f"gpu-attach: sending {format_size(size)} of inputs to {lease['gpus'][0]['id']} ...\n")
                 reply = _exchange(lease, header, buffers, timeout, stdout, stderr, self._renewer.lost)
             finally:
                 self._renewer.untrack()

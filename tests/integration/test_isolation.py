@@ -93,3 +93,12 @@ def test_hello_that_never_completes_is_dropped(site):
         reply = wire.recv_frame(s)
         assert reply.op == "reject" and "in time" in reply.header["message"]
         assert time.monotonic() - t0 < 15
+
+
+def test_large_inputs_show_progress_and_arrive_intact(session):
+    import numpy as np
+
+    a = np.arange(40 * 1024**2, dtype=np.float64)  # 320 MiB
+    ns, _, err = run(session, "total = float(a.sum())\nb = a[::1024].copy()", {"a": a})
+    assert "sending 320 MiB of inputs" in err
+    assert ns["total"] == float(a.sum()) and np.array_equal(ns["b"], a[::1024])
