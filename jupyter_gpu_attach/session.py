@@ -33,6 +33,9 @@ from .slices import SliceRequest, format_size
 #: Inputs this large get a line of progress in the cell's output.
 LARGE_TRANSFER_BYTES = 256 * 1024**2
 
+#: How long the agent may take to admit a cell (it may be starting the session's sandbox).
+ADMISSION_TIMEOUT_S = 120.0
+
 #: After an interrupt or timeout, how long the remote code gets to stop before we hang up.
 INTERRUPT_GRACE_S = 5.0
 
@@ -203,6 +206,8 @@ def _exchange(lease: dict, header: dict, buffers: list, timeout: float | None, s
     except OSError as e:
         raise AgentLost(f"cannot connect to {where}: {e}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # Admission may have to start a sandbox process (seconds on a busy host), not just verify.
+    sock.settimeout(ADMISSION_TIMEOUT_S)
     started = time.monotonic()
     deadline = started + timeout if timeout else None
     interrupted_at: float | None = None
@@ -214,7 +219,11 @@ def _exchange(lease: dict, header: dict, buffers: list, timeout: float | None, s
         wire.send_frame(sock, {"op": "hello", "token": lease["token"], "protocol": wire.PROTOCOL_VERSION})
         if pipelined:
             wire.send_frame(sock, header, buffers)
-        admitted = wire.recv_frame(sock)
+        try:
+            admitted = wire.recv_frame(sock)
+        except socket.timeout:  # (CellTimeout is a TimeoutError too: catch only here)
+            raise AgentLost(f"{where} did not admit the cell within {ADMISSION_TIMEOUT_S:g} s; "
+                            "the lease has been released") from None
         if admitted.op == "reject":
             raise CellRejected(f"{where} refused the cell: {admitted.header.get('message')}")
         if admitted.op != "admitted":

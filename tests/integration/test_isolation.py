@@ -102,3 +102,22 @@ def test_large_inputs_show_progress_and_arrive_intact(session):
     ns, _, err = run(session, "total = float(a.sum())\nb = a[::1024].copy()", {"a": a})
     assert "sending 320 MiB of inputs" in err
     assert ns["total"] == float(a.sum()) and np.array_equal(ns["b"], a[::1024])
+
+
+def test_a_cell_that_ignores_interrupts_is_abandoned_and_the_session_recovers(session, monkeypatch):
+    import jupyter_gpu_attach.session as session_module
+    from jupyter_gpu_attach import CellTimeout
+
+    monkeypatch.setattr(session_module, "INTERRUPT_GRACE_S", 1.0)
+    stubborn = ("import time\n"
+                "while True:\n"
+                "    try:\n"
+                "        time.sleep(10)\n"
+                "    except KeyboardInterrupt:\n"
+                "        pass\n")
+    t0 = time.monotonic()
+    with pytest.raises(CellTimeout, match="did not stop"):
+        session.run(stubborn, {}, timeout=1)
+    assert time.monotonic() - t0 < 10
+    ns, _, _ = run(session, "after = 'fresh sandbox'")  # the stuck one is replaced, not resumed
+    assert ns["after"] == "fresh sandbox"

@@ -38,6 +38,7 @@ log = logging.getLogger("gpu_attach.agent")
 HELLO_LIMITS = wire.Limits(max_header_bytes=16384, max_buffers=0, max_payload_bytes=0)
 HELLO_TIMEOUT_S = 5.0  # for the whole hello, however slowly it trickles in
 SANDBOX_START_TIMEOUT_S = 60.0
+ABANDON_GRACE_S = 2.0  # a sandbox whose kernel left mid-cell gets this long to stop, then is replaced
 MAX_ADMISSIONS = 64  # connections waiting for their hello at once; more are closed at once
 
 
@@ -54,6 +55,17 @@ class AgentSettings:
     sandbox_user: str | None = None  # run cells as this (unprivileged) user when the agent is root
     spare_sandboxes: int = 1  # sandbox processes kept started, ready to be pinned to a new session
     workdir: str | None = None
+
+
+@dataclass
+class _WatchedCell:
+    """The agent's own copy of a running cell's kernel connection."""
+
+    conn: socket.socket
+    sandbox: "SandboxHandle"
+    lease: str
+    ended: bool = False  # decided over by another thread; the watcher only has to close it
+    abandoned_at: float | None = None  # the kernel hung up while the sandbox was still in the cell
 
 
 @dataclass
@@ -80,7 +92,7 @@ class Agent:
         self._sandboxes: dict[tuple, SandboxHandle] = {}
         self._starting: dict[tuple, threading.Lock] = {}
         self._spare: tuple[subprocess.Popen, socket.socket] | None = None
-        self._cells: dict[int, tuple[socket.socket, SandboxHandle, str]] = {}
+        self._cells: dict[int, _WatchedCell] = {}
         self._epoll = select.epoll()
         self._admitted: dict[str, float] = {}  # lease -> expiry: each grant admits one cell
         self._admitting = threading.BoundedSemaphore(MAX_ADMISSIONS)
@@ -94,6 +106,8 @@ class Agent:
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawn")
         self._own_root = settings.workdir is None
         self._root = settings.workdir or tempfile.mkdtemp(prefix="gpu-attach-agent-")
+        if settings.sandbox_user:
+            os.chmod(self._root, 0o711)  # the sandbox user must reach its own workdir inside
         self.listener = socket.create_server((settings.host, settings.port), backlog=128)
         self.port = self.listener.getsockname()[1]
 
@@ -147,8 +161,11 @@ class Agent:
             with s.lock:  # the same cell still, not a newer one admitted since the snapshot
                 if s.running_lease != lease:
                     continue
-            log.warning("stopping the cell of lease %s: the lease has ended", lease)
-            self._kill(s)
+                if self._settle(s) == "done":  # it had ended; the kernel released it since
+                    _signal_group(s.proc, signal.SIGSTOP)
+                    continue
+                log.warning("stopping the cell of lease %s: the lease has ended", lease)
+                self._kill_locked(s)
 
     def _stop_all_cells(self, why: str) -> None:
         with self._lock:
@@ -199,8 +216,12 @@ class Agent:
                 with sandbox.lock:
                     if sandbox.dead:
                         continue
-                    if sandbox.running_lease and not self._settle(sandbox):
+                    state = self._settle(sandbox) if sandbox.running_lease else "done"
+                    if state == "running":
                         raise GrantTokenError("a cell of this session is already running; wait for it to finish")
+                    if state == "abandoned":  # its kernel gave up on the last cell: start afresh
+                        self._kill_locked(sandbox)
+                        continue
                     sandbox.running_lease = claims["lease"]
                     sandbox.last_used = time.monotonic()
                     sandbox.cells += 1
@@ -244,52 +265,73 @@ class Agent:
     # between cells the sandbox is frozen (SIGSTOP), so nothing it started keeps running either.
 
     def _watch_cell(self, conn: socket.socket, sandbox: "SandboxHandle", lease: str) -> None:
+        cell = _WatchedCell(conn, sandbox, lease)
         with self._lock:
-            self._cells[conn.fileno()] = (conn, sandbox, lease)
+            self._cells[conn.fileno()] = cell
         self._epoll.register(conn.fileno(), select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)
 
     def _watch_cells_forever(self) -> None:
+        """The one thread that closes the agent's copies of cell connections (so no fd number is
+        reused while another thread still acts on it)."""
         while not self._stop.is_set():
             try:
-                events = self._epoll.poll(0.5)
+                events = self._epoll.poll(0.2)
             except OSError:
                 return
-            for fd, _ in events:
+            for fd, ev in events:
                 with self._lock:
-                    entry = self._cells.pop(fd, None)
-                if entry is None:
+                    cell = self._cells.get(fd)
+                if cell is None:
                     continue
-                conn, sandbox, lease = entry
-                try:
-                    self._epoll.unregister(fd)
-                except OSError:
-                    pass
-                conn.close()
-                self._cell_over(sandbox, lease)
+                if cell.ended or ev & (select.EPOLLHUP | select.EPOLLERR):
+                    # Both sides are done: the sandbox shut the socket after its reply (or died, or
+                    # was killed), and the kernel hung up or reset.
+                    self._forget(fd, cell)
+                    if not cell.ended:
+                        self._cell_over(cell.sandbox, cell.lease)
+                elif cell.abandoned_at is None:
+                    # The kernel hung up while the sandbox is still in the cell (an interrupt it
+                    # ignored, or code stuck in C): give it a moment to notice, then replace it.
+                    cell.abandoned_at = time.monotonic()
+                    self._epoll.modify(fd, select.EPOLLHUP | select.EPOLLERR)
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c in self._cells.values()
+                        if c.abandoned_at is not None and not c.ended and now - c.abandoned_at > ABANDON_GRACE_S]
+            for cell in late:
+                log.warning("killing the sandbox of lease %s: its kernel left and the cell did not stop", cell.lease)
+                self._kill(cell.sandbox)
 
-    def _settle(self, sandbox: "SandboxHandle") -> bool:
-        """Called with the sandbox's lock held: True if its running cell's kernel has in fact hung
-        up (its next cell can arrive before the watcher thread has seen the previous one end)."""
+    def _forget(self, fd: int, cell: "_WatchedCell") -> None:
         with self._lock:
-            found = [(fd, conn) for fd, (conn, s, lease) in self._cells.items()
-                     if s is sandbox and lease == sandbox.running_lease]
-        if not found:
-            sandbox.running_lease = None
-            return True
-        fd, conn = found[0]
-        p = select.poll()
-        p.register(fd, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
-        if not p.poll(0):
-            return False
-        with self._lock:
-            self._cells.pop(fd, None)
+            if self._cells.get(fd) is cell:
+                del self._cells[fd]
         try:
             self._epoll.unregister(fd)
         except OSError:
             pass
-        conn.close()
+        cell.conn.close()
+
+    def _settle(self, sandbox: "SandboxHandle") -> str:
+        """With the sandbox's lock held: is its running cell really still running? Its next cell,
+        or a heartbeat, can come before the watcher thread has seen the last one end.
+
+        ``done``: it ended (running_lease is cleared); ``abandoned``: its kernel hung up but the
+        sandbox is still in the cell; ``running``: it is running."""
+        with self._lock:
+            cell = next((c for c in self._cells.values()
+                         if c.sandbox is sandbox and c.lease == sandbox.running_lease), None)
+        if cell is not None and not cell.ended:
+            p = select.poll()
+            p.register(cell.conn.fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+            ev = p.poll(0)
+            ev = ev[0][1] if ev else 0
+            if not ev & (select.POLLHUP | select.POLLERR):
+                return "abandoned" if ev & select.POLLRDHUP else "running"
+            cell.ended = True  # the watcher will close it
         sandbox.running_lease = None
-        return True
+        sandbox.last_used = time.monotonic()
+        return "done"
 
     def _cell_over(self, sandbox: "SandboxHandle", lease: str) -> None:
         with sandbox.lock:
@@ -367,13 +409,14 @@ class Agent:
         """
         with self._lock:
             spare, self._spare = self._spare, None
+        if spare is not None and spare[0].poll() is not None:
+            spare[1].close()
+            spare = None
+        # This cell's own start goes first on the spawner; the refill queues behind it.
+        own = None if spare is not None else self._spawner.submit(self._start_sandbox_process)
         if self.settings.spare_sandboxes and not self._stop.is_set():
             self._spawner.submit(self._refill_spare)
-        if spare is not None and spare[0].poll() is None:
-            return spare
-        if spare is not None:
-            spare[1].close()
-        return self._spawner.submit(self._start_sandbox_process).result()
+        return spare if spare is not None else own.result()
 
     def _refill_spare(self) -> None:
         try:
@@ -386,6 +429,7 @@ class Agent:
                 self._spare, spare = spare, None
         if spare is not None:
             _killpg(spare[0])
+            spare[0].wait()
             spare[1].close()
 
     def _start_sandbox_process(self) -> tuple[subprocess.Popen, socket.socket]:
@@ -431,22 +475,22 @@ class Agent:
 
     def _kill(self, s: SandboxHandle) -> None:
         with s.lock:
-            s.dead = True
-            _killpg(s.proc)
+            self._kill_locked(s)
+
+    def _kill_locked(self, s: SandboxHandle) -> None:
+        """Kill a sandbox (its lock held) and hang up its cell's kernel connection, if any."""
+        s.dead = True
+        _killpg(s.proc)
         with self._lock:
-            cells = [(fd, conn) for fd, (conn, sandbox, _) in self._cells.items() if sandbox is s]
-            for fd, _ in cells:
-                del self._cells[fd]
-        for fd, conn in cells:  # our copy of the kernel's connection would keep it open: hang up
-            try:
-                self._epoll.unregister(fd)
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            conn.close()
-        with self._lock:
+            cells = [c for c in self._cells.values() if c.sandbox is s and not c.ended]
             if self._sandboxes.get(s.key) is s:
                 del self._sandboxes[s.key]
+        for c in cells:  # our copy would keep the kernel's connection open; the watcher closes it
+            c.ended = True
+            try:
+                c.conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _reap_idle(self) -> None:
         cutoff = time.monotonic() - self.settings.sandbox_idle_s
@@ -454,9 +498,8 @@ class Agent:
             idle = [s for s in self._sandboxes.values() if not s.running_lease and s.last_used < cutoff]
         for s in idle:
             with s.lock:
-                if s.running_lease or s.last_used >= cutoff:
-                    continue
-            self._kill(s)
+                if not s.running_lease and s.last_used < cutoff:
+                    self._kill_locked(s)
 
     def stop(self) -> None:
         self._stop.set()

@@ -93,7 +93,7 @@ class _FdCapture:
         threading.Thread(target=self._pump, name="fd-capture", daemon=True).start()
 
     def _pump(self) -> None:
-        while True:
+        while self._readers:
             ready, _, _ = select.select(list(self._readers), [], [])
             self.drain(ready)
 
@@ -101,13 +101,17 @@ class _FdCapture:
         """Forward whatever is waiting now (called at the end of each cell, before its result)."""
         with self._lock:
             for r in fds if fds is not None else list(self._readers):
+                if r not in self._readers:
+                    continue
                 out, decoder = self._readers[r]
                 while True:
                     try:
                         chunk = os.read(r, 65536)
                     except BlockingIOError:
                         break
-                    if not chunk:
+                    if not chunk:  # every writer closed it (a cell closed fd 1 or 2): stop watching
+                        del self._readers[r]
+                        os.close(r)
                         break
                     out.write(decoder.decode(chunk))
 
@@ -122,13 +126,21 @@ class _Cell:
         self.broken = False
 
     def send(self, header, buffers=()) -> None:
+        main = threading.current_thread() is threading.main_thread()
         with self.lock:
             if self.broken:
                 return
+            # An interrupt arriving mid-send is held until the frame is out whole (then it raises):
+            # half a frame would break the stream for the kernel.
+            if main:
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
                 wire.send_frame(self.conn, header, buffers)
             except OSError:
                 self.broken = True
+            finally:
+                if main:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     def watch_for_interrupt(self) -> None:
         """Runs in a thread: an ``interrupt`` frame, or the kernel hanging up, stops the cell."""
@@ -248,8 +260,8 @@ class Sandbox:
         try:
             code = compile(source, filename, "exec")
             linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-            self._watch.put(cell)
             self._in_user_code = True
+            self._watch.put(cell)  # an interrupt already waiting is acted on at once
             try:
                 exec(code, ns)
             finally:
@@ -365,6 +377,7 @@ def main() -> None:
             os.setgroups([])
             os.setgid(claim["gid"])
             os.setuid(claim["uid"])
+            _die_with_parent(int(boot["agent_pid"]))  # changing uid cleared the death signal
         if claim.get("simulated"):
             from . import simulated_cupy
 
