@@ -240,6 +240,9 @@ def trivial_cells(s: GPUSession, release: ReleaseTimer, cells: int, warmup: int 
         s.run("y = x + 1", ns, req, stdout=quiet, stderr=quiet)
     if ns.get("y") != 42:
         raise AssertionError(f"warm-up cell returned y={ns.get('y')!r}, expected 42")
+    # Claiming this session's sandbox made the agent start its next spare sandbox process (about
+    # half a second of one core); let that finish, so the timed cells measure the steady state.
+    time.sleep(1.5)
 
     wall: list[float] = []
     phases: dict[str, list[float]] = {"serialise": [], "lease": [], "cell": [], "total": [],

@@ -8,6 +8,7 @@ environment (``GPU_ATTACH_ADMIN_TOKEN``, ``GPU_ATTACH_USER_TOKENS="alice:TOKEN,b
 from __future__ import annotations
 
 import argparse
+import gc
 import getpass
 import ipaddress
 import json
@@ -48,6 +49,14 @@ def _watch_parent(pid: int, on_gone) -> None:
             time.sleep(0.5)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def _freeze_startup_objects() -> None:
+    """Move everything built at start-up out of the garbage collector's view: otherwise a full
+    collection now and then walks all of FastAPI's and pydantic's objects, a 10-30 ms pause
+    that lands on some cell's lease (the p99)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _listen(host: str, port: int, fd: int | None) -> socket.socket:
@@ -115,6 +124,7 @@ def run_broker(args) -> int:
         _emit({"event": "ready", "role": "broker", "url": url, "pid": os.getpid()})
 
     server.startup = startup
+    _freeze_startup_objects()
     server.run(sockets=[sock])
     return 0
 
@@ -163,6 +173,7 @@ def run_agent(args) -> int:
     signal.signal(signal.SIGTERM, stop)
     if args.exit_with_parent:
         _watch_parent(args.exit_with_parent, stop)
+    _freeze_startup_objects()
     _emit({"event": "ready", "role": "agent", "agent_id": settings.agent_id, "address": agent.address,
            "devices": [d.to_json() for d in devices], "pid": os.getpid()})
     try:

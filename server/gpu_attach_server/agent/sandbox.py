@@ -386,6 +386,8 @@ def main() -> None:
     except Exception as e:
         ctl.send(json.dumps({"op": "failed", "error": f"{type(e).__name__}: {e}"}).encode())
         return
+    gc.collect()
+    gc.freeze()  # start-up objects (NumPy's among them) out of the collector's full passes
     Sandbox(ctl, claim).serve()
 
 

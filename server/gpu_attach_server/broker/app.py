@@ -69,6 +69,7 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
                 ended = broker.reap()
                 if any(ended.values()):
                     log.info("reaped %s", ended)
+                broker.store.checkpoint()
             except Exception:  # keep reaping; one failed pass must not stop expiry for good
                 log.exception("reaper pass failed")
 

@@ -102,6 +102,9 @@ def make_engine(url_or_path: str) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
+            # A checkpoint fsyncs the database file: 10-20 ms that would land on whichever grant
+            # or release crossed the threshold. The reaper thread checkpoints instead (checkpoint()).
+            cur.execute("PRAGMA wal_autocheckpoint=0")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
@@ -136,6 +139,12 @@ class Store:
             conn.execution_options(writer=True)
             with conn.begin():
                 yield conn
+
+    def checkpoint(self) -> None:
+        """Copy the WAL back into the database file, off the request path (SQLite only)."""
+        if self.is_sqlite:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
