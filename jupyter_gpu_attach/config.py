@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from traitlets import Float, Unicode, default
+from traitlets import Unicode, default
 from traitlets.config import Configurable
 
 
@@ -17,10 +17,6 @@ class GPUAttach(Configurable):
     ).tag(config=True)
 
     token = Unicode(help="Bearer token for the broker. Default: $GPU_ATTACH_TOKEN.").tag(config=True)
-
-    interrupt_grace = Float(
-        5.0, help="Seconds remote code gets to stop after an interrupt or --timeout before the kernel hangs up."
-    ).tag(config=True)
 
     @default("broker_url")
     def _broker_url_default(self):
