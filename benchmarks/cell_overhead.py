@@ -404,6 +404,8 @@ def main(argv=None) -> int:
     ap.add_argument("--array-gib", type=float, default=1.0, help="array size in GiB (default 1.0)")
     ap.add_argument("--repeats", type=int, default=3, help="array round trips, best taken (default 3)")
     ap.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
+    ap.add_argument("--gpu", action="store_true",
+                    help="serve this host's real GPUs (NVML, CuPy) instead of one simulated device")
     args = ap.parse_args(argv)
     if args.cells < 1 or args.repeats < 1 or args.array_gib <= 0:
         ap.error("--cells, --repeats and --array-gib must be positive")
@@ -411,16 +413,17 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     res: dict = {"params": {"cells": args.cells, "array_gib": args.array_gib, "repeats": args.repeats,
                             "warmup_cells": WARMUP_CELLS},
-                 "env": {"python": platform.python_version(), "cpus": os.cpu_count(), "device": "simulated",
+                 "env": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                         "device": "real GPU (NVML)" if args.gpu else "simulated",
                          "platform": platform.platform()},
                  "targets": {"p50_ms": TARGET_P50_MS, "p99_ms": TARGET_P99_MS, "bandwidth_pct_of_raw": TARGET_BW_PCT}}
 
     print("measuring raw TCP ping-pong ...", flush=True)
     res["baselines"] = {"tcp_ping_pong": tcp_ping_pong()}
 
-    print("starting broker + agent (LocalPool, simulated device) ...", flush=True)
+    print(f"starting broker + agent (LocalPool, {res['env']['device']}) ...", flush=True)
     t0 = time.perf_counter()
-    pool = LocalPool(simulate=1, memory="64GiB")
+    pool = LocalPool(simulate=None if args.gpu else 1, memory="64GiB")
     res["pool_start_s"] = time.perf_counter() - t0
     try:
         res["baselines"]["healthz"] = healthz_round_trip(pool.url)

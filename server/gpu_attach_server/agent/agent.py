@@ -438,7 +438,9 @@ class Agent:
         # A clean environment: nothing of the agent's (its token above all) reaches user code.
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8"),
                "PYTHONUNBUFFERED": "1", "GPU_ATTACH_SANDBOX": json.dumps(boot)}
-        for name in ("PYTHONPATH", "VIRTUAL_ENV", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS"):
+        # What CUDA and the BLAS need to load, and nothing else of ours.
+        for name in ("PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH",
+                     "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS"):
             if name in os.environ:
                 env[name] = os.environ[name]
         proc = subprocess.Popen(
