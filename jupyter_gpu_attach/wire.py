@@ -200,7 +200,8 @@ class _HostPickler(cloudpickle.Pickler):
         mod = t.__module__ or ""
         if mod.startswith("cupy") and t.__name__ == "ndarray" and hasattr(obj, "get"):
             return _identity, (obj.get(),)
-        if mod.startswith("torch") and getattr(obj, "is_cuda", False) is True and hasattr(obj, "cpu"):
+        torch = sys.modules.get("torch") if mod.startswith("torch") else None
+        if torch is not None and isinstance(obj, torch.Tensor) and obj.is_cuda:
             return _identity, (obj.detach().cpu(),)
         return super().reducer_override(obj)
 
