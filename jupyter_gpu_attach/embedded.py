@@ -7,13 +7,13 @@ when the kernel exits, however it exits (they watch the kernel's pid).
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from gpu_attach_server.cli import NotReady, wait_ready
 
 
 class EmbeddedPool:
@@ -32,23 +32,12 @@ class EmbeddedPool:
         # The broker's and agent's logs go to a file: in a kernel, inherited stderr would land in cells.
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True)
-        deadline = time.monotonic() + timeout
-        info = None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                tail = self.log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"the embedded broker and agent failed to start (exit code {self.proc.wait()}). "
-                                   f"Their log ({self.log_path}) ends with:\n{tail}")
-            try:
-                info = json.loads(line)
-            except ValueError:
-                continue
-            if info.get("role") == "up":
-                break
-        if not info:
+        try:
+            info = wait_ready(self.proc, "the embedded broker and agent", timeout)
+        except NotReady as e:
             self.stop()
-            raise RuntimeError(f"the embedded broker and agent did not start within {timeout:.0f} s")
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{e}. Their log ({self.log_path}) ends with:\n{tail}") from None
         self.url: str = info["url"]
         self.token: str = info["token"]
         self.admin_token: str = info["admin_token"]

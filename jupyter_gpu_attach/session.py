@@ -137,6 +137,7 @@ class GPUSession:
         wanted = {n: namespace[n] for n in sorted(names.reads) if n in namespace and is_shippable_name(n)}
         t0 = time.perf_counter()
         index, buffers, failures = wire.dump_names(wanted)
+        size = sum(memoryview(b).nbytes for b in buffers)
         for name, why in failures.items():
             if name not in names.binds:
                 raise InputError(f"cannot send {name!r} to the GPU: {why}. Compute it inside the %%gpu cell, "
@@ -157,10 +158,9 @@ class GPUSession:
                                  "this cell runs on the CPU, and `import cupy` gives a NumPy stand-in.\n")
                 header = {"op": "run", "source": source, "inputs": index,
                           "bound": sorted(names.binds), "deleted": sorted(names.deletes)}
-                size = sum(memoryview(b).nbytes for b in buffers)
                 if size >= LARGE_TRANSFER_BYTES:  # seconds of transfer: say so rather than look stuck
                     stderr.write(f"gpu-attach: sending {format_size(size)} of inputs to {lease['gpus'][0]['id']} ...\n")
-                reply = _exchange(lease, header, buffers, timeout, stdout, stderr, self._renewer.lost)
+                reply = _exchange(lease, header, buffers, size, timeout, stdout, stderr, self._renewer.lost)
             finally:
                 self._renewer.untrack()
                 self.active_lease = None
@@ -196,7 +196,7 @@ class GPUSession:
             self.embedded = None
 
 
-def _exchange(lease: dict, header: dict, buffers: list, timeout: float | None, stdout: TextIO, stderr: TextIO,
+def _exchange(lease: dict, header: dict, buffers: list, size: int, timeout: float | None, stdout: TextIO, stderr: TextIO,
               lost: dict[str, str]) -> wire.Frame:
     """Send the cell to the lease's agent and relay output until the result or error arrives."""
     host, port = lease["agent"]["address"].rsplit(":", 1)
@@ -215,7 +215,7 @@ def _exchange(lease: dict, header: dict, buffers: list, timeout: float | None, s
     try:
         # A small cell goes right behind the hello (one round trip less); a large one waits
         # until the agent has accepted the grant, so a refusal costs no wasted transfer.
-        pipelined = sum(memoryview(b).nbytes for b in buffers) <= wire.PIPELINE_MAX_BYTES
+        pipelined = size <= wire.PIPELINE_MAX_BYTES
         wire.send_frame(sock, {"op": "hello", "token": lease["token"], "protocol": wire.PROTOCOL_VERSION})
         if pipelined:
             wire.send_frame(sock, header, buffers)

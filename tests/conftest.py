@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gpu_attach_server.cli import wait_ready
+
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = {
     "admin": "admin-token-0123456789abcdef",
@@ -23,33 +24,6 @@ TOKENS = {
     "bob": "bob-token-0123456789abcdef-bob",
     "agent9": "agent9-token-0123456789abcdef",  # bound to agent id gpu-host-9
 }
-
-
-def _ready_line(proc: subprocess.Popen, timeout: float = 60) -> dict:
-    """Wait for the JSON ``ready`` line a broker or agent prints on stdout."""
-    q: queue.Queue = queue.Queue()
-
-    import threading
-
-    def read():
-        for line in proc.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "ready":
-                q.put(event)
-                return
-        q.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        event = q.get(timeout=timeout)
-    except queue.Empty:
-        raise RuntimeError("process did not become ready") from None
-    if event is None:
-        raise RuntimeError(f"process exited with {proc.wait()} before it was ready")
-    return event
 
 
 @dataclass
@@ -76,7 +50,7 @@ class Site:
              "--lease-ttl", str(self.lease_ttl)],
             env=self.env(), stdout=subprocess.PIPE, text=True)
         self.procs.append(proc)
-        self.url = _ready_line(proc)["url"]
+        self.url = wait_ready(proc, "the broker")["url"]
 
     def start_agent(self, name: str = "gpu-host-1", simulate: int = 2, memory: str = "16GiB") -> subprocess.Popen:
         env = {k: v for k, v in self.env().items() if k not in ("GPU_ATTACH_USER_TOKENS", "GPU_ATTACH_ADMIN_TOKEN")}
@@ -85,7 +59,7 @@ class Site:
              "--simulate", str(simulate), "--memory", memory],
             env=env, stdout=subprocess.PIPE, text=True)
         self.procs.append(proc)
-        _ready_line(proc)
+        wait_ready(proc, f"agent {name}")
         self.agents[name] = proc
         return proc
 

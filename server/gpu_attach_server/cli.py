@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import os
+import queue
 import secrets
 import shutil
 import signal
@@ -36,6 +37,36 @@ def _emit(event: dict) -> None:
     """One JSON line on stdout: how a parent process learns a child's address."""
     sys.stdout.write(json.dumps(event) + "\n")
     sys.stdout.flush()
+
+
+class NotReady(RuntimeError):
+    """A child process exited, or stayed silent, before its ``ready`` line."""
+
+
+def wait_ready(proc: subprocess.Popen, what: str, timeout: float = 60.0) -> dict:
+    """Read ``proc``'s stdout until the JSON ``ready`` line that :func:`_emit` writes; other lines
+    are skipped. Raises :class:`NotReady` if it exits first or says nothing for ``timeout`` s."""
+    found: "queue.Queue[dict | None]" = queue.Queue()
+
+    def read():  # in a thread: readline cannot be given a timeout
+        for line in proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event") == "ready":
+                found.put(event)
+                return
+        found.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        event = found.get(timeout=timeout)
+    except queue.Empty:
+        raise NotReady(f"{what} was not ready after {timeout:.0f} s") from None
+    if event is None:
+        raise NotReady(f"{what} exited with code {proc.wait()} before it was ready")
+    return event
 
 
 def _watch_parent(pid: int, on_gone) -> None:
@@ -227,20 +258,8 @@ class LocalPool:
             self.stop()
             raise
 
-    def _ready(self, role: str, timeout: float = 60.0) -> dict:
-        proc = self.procs[role]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"the {role} exited with code {proc.wait()} before it was ready (see its log above)")
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "ready":
-                return event
-        raise RuntimeError(f"the {role} was not ready after {timeout:.0f} s")
+    def _ready(self, role: str) -> dict:
+        return wait_ready(self.procs[role], f"the {role}")
 
     def env(self) -> dict:
         return {"GPU_ATTACH_BROKER_URL": self.url, "GPU_ATTACH_TOKEN": self.user_token}

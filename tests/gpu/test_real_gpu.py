@@ -19,13 +19,13 @@ def gpu_site(tmp_path_factory):
     import subprocess
     import sys
 
-    from conftest import _ready_line
+    from gpu_attach_server.cli import wait_ready
 
     env = {k: v for k, v in s.env().items() if k not in ("GPU_ATTACH_USER_TOKENS", "GPU_ATTACH_ADMIN_TOKEN")}
     proc = subprocess.Popen([sys.executable, "-m", "gpu_attach_server.cli", "agent", "--broker", s.url, "--name", "gpu"],
                             env=env, stdout=subprocess.PIPE, text=True)
     s.procs.append(proc)
-    ready = _ready_line(proc)
+    ready = wait_ready(proc, "the agent")
     s.agents["gpu"] = proc
     s.devices = ready["devices"]
     yield s

@@ -338,15 +338,16 @@ def _exception_reply(exc: BaseException, elapsed: float):
     return reply, buffers
 
 
-def _die_with_parent(agent_pid: int) -> None:
+def _die_with_parent(agent_pid: int) -> bool:
     """Ask Linux to SIGKILL us when the agent's spawning thread ends; unlike a watcher thread,
-    this works while the sandbox is frozen between cells."""
+    this works while the sandbox is frozen between cells. False where prctl is unavailable."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        armed = ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) == 0  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        armed = False
     if os.getppid() != agent_pid:  # the agent died before the request took effect
         os._exit(70)
+    return armed
 
 
 def _watch_parent(agent_pid: int) -> None:
@@ -360,9 +361,9 @@ def _watch_parent(agent_pid: int) -> None:
 def main() -> None:
     """Start, wait to be claimed for a session (pinned to its slice, as its user), then serve it."""
     boot = json.loads(os.environ.pop("GPU_ATTACH_SANDBOX", "{}"))
-    _die_with_parent(int(boot["agent_pid"]))
+    if not _die_with_parent(int(boot["agent_pid"])):  # without the death signal, poll for the agent
+        threading.Thread(target=_watch_parent, args=(int(boot["agent_pid"]),), daemon=True).start()
     ctl = socket.socket(fileno=int(boot["ctl_fd"]))
-    threading.Thread(target=_watch_parent, args=(int(boot["agent_pid"]),), daemon=True).start()
     import numpy  # noqa: F401  most cells use it; importing it touches no GPU
 
     ctl.send(json.dumps({"op": "started", "pid": os.getpid()}).encode())
@@ -377,7 +378,8 @@ def main() -> None:
             os.setgroups([])
             os.setgid(claim["gid"])
             os.setuid(claim["uid"])
-            _die_with_parent(int(boot["agent_pid"]))  # changing uid cleared the death signal
+            if not _die_with_parent(int(boot["agent_pid"])):  # changing uid cleared the death signal
+                threading.Thread(target=_watch_parent, args=(int(boot["agent_pid"]),), daemon=True).start()
         if claim.get("simulated"):
             from . import simulated_cupy
 
