@@ -24,9 +24,11 @@ __version__ = "0.1.0"
 
 
 def load_ipython_extension(ipython) -> None:
-    from .magics import GPUMagics
+    from .magics import GPUMagics, show_clean_syntax_error
 
     ipython.register_magics(GPUMagics)
+    # A syntax error in a %%gpu cell is shown as in a local cell, not with our frames.
+    ipython.set_custom_exc((SyntaxError,), show_clean_syntax_error)
 
 
 def unload_ipython_extension(ipython) -> None:

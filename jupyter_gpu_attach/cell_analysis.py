@@ -1,10 +1,12 @@
 """Which names a cell reads from the notebook, and which it binds or deletes.
 
-From the cell's symbol table: a name the cell's top level refers to, or that a function or
-class defined in the cell uses as a global, is read; a name assigned, imported or defined at
-top level (or declared ``global`` and assigned in a function) is bound. The notebook's
-namespace is never shipped whole: only what the cell reads travels, so an object the cell does
-not use cannot get in the way.
+The cell is first put through IPython's own input transformer (``%timeit x``, ``!ls $d``,
+``%%timeit`` bodies become Python), then read through its symbol table: a name the cell's top
+level refers to, or that a function or class defined in the cell uses as a global, is read; a name
+assigned, imported or defined at top level (or declared ``global`` and assigned in a function) is
+bound. Code inside magic arguments (``%timeit np.dot(a, b)``) and ``$name`` / ``{expr}`` in shell
+commands is read too. The notebook's namespace is never shipped whole: only what the cell reads
+travels, so an object the cell does not use cannot get in the way.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import ast
 import functools
 import re
 import symtable
+import types
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 # Names IPython puts in the user namespace that a remote cell never needs.
-_IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "_ih", "_oh", "_dh", "_sh"})
+_IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "_ih", "_oh", "_dh", "_sh", "_exit_code"})
 _IPYTHON_HISTORY = re.compile(r"^_+$|^_i+\d*$|^_\d+$")
+_SHELL_VARS = re.compile(r"\$\$?([A-Za-z_]\w*)|\{([^{}]+)\}")
+_MAGIC_CALLS = {"run_line_magic", "run_cell_magic", "system", "getoutput"}
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,19 @@ class CellNames:
     reads: frozenset[str]
     binds: frozenset[str]
     deletes: frozenset[str]
+    python: str  # the cell as Python, after IPython's input transformation
+
+
+def transform(source: str) -> str:
+    """The cell as IPython would compile it (magics and shell escapes become calls)."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    return _transformer(TransformerManager).transform_cell(source)
+
+
+@functools.lru_cache(maxsize=1)
+def _transformer(cls):
+    return cls()
 
 
 @functools.lru_cache(maxsize=512)
@@ -33,8 +52,9 @@ def analyse(source: str, filename: str = "<gpu-cell>") -> CellNames:
 
     Cached by source: a notebook re-runs the same cells, and parsing costs more than the rest
     of a trivial cell's client side."""
-    tree = ast.parse(source, filename=filename)
-    table = symtable.symtable(source, filename, "exec")
+    python = transform(source)
+    tree = ast.parse(python, filename=filename)
+    table = symtable.symtable(python, filename, "exec")
     reads: set[str] = set()
     binds: set[str] = set()
     for sym in table.get_symbols():
@@ -55,8 +75,47 @@ def analyse(source: str, filename: str = "<gpu-cell>") -> CellNames:
         for n in ast.walk(fn):
             if isinstance(n, ast.AugAssign):
                 reads.update(declared & _target_names([n.target]))
+    reads |= _magic_reads(tree)
     # `del x` needs x in the sandbox to delete it there.
-    return CellNames(frozenset(reads | deletes), frozenset(binds | deletes), frozenset(deletes))
+    return CellNames(frozenset(reads | deletes), frozenset(binds | deletes), frozenset(deletes), python)
+
+
+def _magic_reads(tree: ast.Module) -> set[str]:
+    """Names read by code that IPython keeps in strings: magic arguments and shell commands."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in _MAGIC_CALLS):
+            continue
+        for arg in node.args:
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                names |= _code_names(arg.value)
+    return names
+
+
+def _code_names(text: str) -> set[str]:
+    """Names in a magic's argument text: every whitespace-suffix that parses as Python counts (the
+    leading words may be options such as ``-n 10``), and ``$x`` / ``{expr}`` expansions."""
+    names: set[str] = set()
+    for m in _SHELL_VARS.finditer(text):
+        names |= _parse_names(m.group(1) or m.group(2) or "")
+    lines = text.splitlines() or [""]
+    body = "\n".join(lines[1:])
+    if body.strip():
+        names |= _parse_names(body)  # a cell magic's body (%%timeit's statement)
+    words = lines[0].split(" ")
+    for i in range(len(words)):
+        names |= _parse_names(" ".join(words[i:]))
+    return names
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_names(text: str) -> frozenset[str]:
+    try:
+        tree = ast.parse(text.strip())
+    except (SyntaxError, ValueError):
+        return frozenset()
+    return frozenset(n.id for n in ast.walk(tree) if isinstance(n, ast.Name))
 
 
 def _top_level_nodes(tree: ast.Module):
@@ -90,6 +149,39 @@ def _nested(table: symtable.SymbolTable, reads: set[str], binds: set[str]) -> No
             if sym.is_declared_global() and sym.is_assigned():
                 binds.add(sym.get_name())
         _nested(child, reads, binds)
+
+
+def globals_used(names: set[str], namespace: Mapping[str, Any]) -> set[str]:
+    """``names`` plus every global that the notebook functions and classes among them use, and so
+    on: a function defined in an earlier cell reads the notebook's current values when called."""
+    seen: set[str] = set()
+    todo = [n for n in names if n in namespace]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for g in _code_globals(namespace[name]):
+            if g in namespace and g not in seen:
+                todo.append(g)
+    return seen | set(names)
+
+
+def _code_globals(value: Any) -> set[str]:
+    codes: list[types.CodeType] = []
+    if isinstance(value, types.FunctionType) and value.__module__ == "__main__":
+        codes.append(value.__code__)
+    elif isinstance(value, type) and value.__module__ == "__main__":
+        for attr in vars(value).values():
+            fn = getattr(attr, "__func__", attr)
+            if isinstance(fn, types.FunctionType):
+                codes.append(fn.__code__)
+    out: set[str] = set()
+    while codes:
+        code = codes.pop()
+        out.update(code.co_names)
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return out
 
 
 def is_shippable_name(name: str) -> bool:

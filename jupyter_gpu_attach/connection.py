@@ -16,6 +16,11 @@ def get_session(config: GPUAttach | None = None) -> GPUSession:
     """The session, connecting on first use (and starting the embedded pool if no broker is set)."""
     global _session
     with _lock:
+        if _session is not None and _session.embedded is None:
+            # A token or URL set since (after an AuthError, say) takes effect without a detach.
+            cfg = config or GPUAttach()
+            if cfg.token and cfg.token != _session.broker.token:
+                _session.set_token(cfg.token)
         if _session is None:
             cfg = config or GPUAttach()
             if cfg.broker_url:

@@ -25,18 +25,23 @@ class EmbeddedPool:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
             cmd += ["--state-dir", state_dir]
             self.log_path = Path(state_dir) / "embedded.log"
+            self._own_log = False
         else:  # `up` makes a private state folder (signing key included) and removes it on exit
             fd, name = tempfile.mkstemp(prefix=f"gpu-attach-embedded-{os.getpid()}-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
+            self._own_log = True  # removed when the pool stops
         # The broker's and agent's logs go to a file: in a kernel, inherited stderr would land in cells.
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True)
+            # Its own session: the stop button signals the kernel's whole process group (JupyterLab
+            # does), and must interrupt the cell, not kill the pool every later cell needs.
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
+                                         start_new_session=True)
         try:
             info = wait_ready(self.proc, "the embedded broker and agent", timeout)
         except NotReady as e:
-            self.stop()
             tail = self.log_path.read_text(errors="replace")[-2000:]
+            self.stop()
             raise RuntimeError(f"{e}. Their log ({self.log_path}) ends with:\n{tail}") from None
         self.url: str = info["url"]
         self.token: str = info["token"]
@@ -52,3 +57,6 @@ class EmbeddedPool:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        if self._own_log:
+            self.log_path.unlink(missing_ok=True)

@@ -6,6 +6,11 @@ from __future__ import annotations
 class GPUAttachError(Exception):
     """Base class of jupyter-gpu-attach's own errors."""
 
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows this instead of a traceback: our own errors say what to do in one message,
+        # and the library frames they were raised from would only bury it.
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
+
 
 class BrokerUnreachable(GPUAttachError):
     """The broker did not answer (not running, wrong URL, network)."""
@@ -61,3 +66,11 @@ class RemoteCellError(GPUAttachError):
         super().__init__(f"{etype}: {message}")
         self.etype = etype
         self.remote_message = message
+
+
+class RemoteStateLost(GPUAttachError):
+    """Objects that lived only in the session's sandbox are gone (sandbox ended, or moved)."""
+
+
+class EnvironmentMismatch(GPUAttachError):
+    """The sandbox's Python or libraries cannot exchange values with the notebook's."""

@@ -2,24 +2,76 @@
 
 from __future__ import annotations
 
+import argparse
+import shlex
+
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from . import connection
+from .cell_analysis import analyse
+from .relay import IPythonRelay
 from .slices import SliceRequest, format_size
 
+USAGE = """\
+%%gpu [--memory SIZE | --fraction F | --gpus N] [--pool LABEL] [--timeout S]
+    Run this cell on a GPU slice leased for exactly as long as the cell runs. The names the cell
+    reads are sent (only what changed since the sandbox last saw it); the names it binds, creates,
+    deletes or changes in place come back; output, displays and plots stream into the cell live.
 
-def _slice_options(f):
-    """The request options, written once and shared by ``%%gpu`` and ``%gpu attach``."""
-    for arg in reversed([
-        argument("--memory", "-m", help="GPU memory for the cell, e.g. 2GiB"),
-        argument("--fraction", "-f", type=float, help="share of one GPU, in (0, 1]"),
-        argument("--gpus", "-g", type=int, help="whole GPUs (on one host)"),
-        argument("--pool", help="only GPUs with this pool label"),
-    ]):
-        f = arg(f)
-    return f
+%gpu attach [--memory SIZE | --fraction F | --gpus N] [--pool LABEL]
+    Set this notebook's default request, start its sandbox and check that its Python and
+    libraries can exchange values with this kernel's.
+%gpu status     session, broker, default request, what stays in the sandbox, the last cell
+%gpu pool       every GPU with its used and free share
+%gpu detach     end the session (its sandbox, and the embedded broker if this kernel started one)
+%gpu widget     the pool and this notebook's request as a live widget
+
+Options:
+  -m, --memory SIZE   GPU memory for the cell, e.g. 2GiB or 512MiB
+  -f, --fraction F    a share of one GPU, in (0, 1]
+  -g, --gpus N        whole GPUs, all on one host
+  --pool LABEL        only GPUs with this pool label
+  -t, --timeout S     stop the cell after S seconds (%%gpu only)
+  -h, --help          show this help
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}. Options: `%gpu?` or `{self.prog} -h`")
+
+    def exit(self, status=0, message=None):
+        raise _HelpShown
+
+
+class _HelpShown(Exception):
+    pass
+
+
+def _parser(prog: str, cell: bool) -> _Parser:
+    p = _Parser(prog=prog, add_help=False, allow_abbrev=False)
+    p.add_argument("-h", "--help", action="store_true")
+    if not cell:
+        p.add_argument("command", nargs="?", default="status", choices=["attach", "detach", "status", "pool", "widget"])
+    p.add_argument("-m", "--memory")
+    p.add_argument("-f", "--fraction", type=float)
+    p.add_argument("-g", "--gpus", type=int)
+    p.add_argument("--pool")
+    if cell:
+        p.add_argument("-t", "--timeout", type=float)
+    return p
+
+
+_CELL = _parser("%%gpu", cell=True)
+_LINE = _parser("%gpu", cell=False)
+
+
+def _parse(parser: _Parser, line: str):
+    try:
+        return parser.parse_args(shlex.split(line))
+    except ValueError as e:  # shlex: an unclosed quote
+        raise UsageError(f"{parser.prog}: cannot parse {line!r} ({e})") from None
 
 
 def _request(args) -> SliceRequest:
@@ -31,57 +83,87 @@ def _request(args) -> SliceRequest:
 
 @magics_class
 class GPUMagics(Magics):
-    @magic_arguments()
-    @_slice_options
-    @argument("--timeout", "-t", type=float, help="stop the cell after this many seconds")
-    def _cell_args(self, line):
-        """%%gpu [--memory SIZE | --fraction F | --gpus N] [--pool LABEL] [--timeout S]"""
-
-    @magic_arguments()
-    @argument("command", nargs="?", default="status", choices=["attach", "detach", "status", "pool"])
-    @_slice_options
-    def _line_args(self, line):
-        """%gpu attach [options] | detach | status | pool"""
-
     @line_cell_magic
     def gpu(self, line: str, cell: str | None = None):
-        """Run this cell on a leased GPU slice (``%%gpu``), or manage the session (``%gpu status``).
-
-        ``%%gpu --memory 2GiB`` leases 2 GiB of a GPU for exactly as long as the cell runs. The names
-        the cell reads are sent; the names it assigns come back; output streams live.
-        """
         __tracebackhide__ = True
         if cell is None:
             return self._line(line)
-        try:
-            args = parse_argstring(self._cell_args, line)
-        except UsageError:
-            raise
-        except SystemExit:
-            raise UsageError(f"bad %%gpu options: {line!r}. {self._cell_args.__doc__}") from None
+        args = _parse(_CELL, line)
+        if args.help:
+            print(USAGE)
+            return None
         if args.timeout is not None and args.timeout <= 0:
             raise UsageError(f"--timeout must be positive seconds, got {args.timeout:g}")
         request = _request(args)
+        try:
+            analyse(cell)  # a syntax error is the cell's, shown before anything starts or is leased
+        except SyntaxError as e:
+            _as_cell_error(e, self.shell.execution_count)
+            raise
         session = connection.get_session()
         label = (cell.strip().splitlines() or [""])[0][:120]
-        session.run(cell, self.shell.user_ns, None if request.is_default else request, args.timeout, label=label)
+        try:
+            session.run(cell, self.shell.user_ns, request.over(session.default), args.timeout, label=label,
+                        relay=IPythonRelay(self.shell), execution_count=self.shell.execution_count)
+        except SyntaxError as e:
+            _as_cell_error(e, self.shell.execution_count)
+            raise
+        return None
+
+    gpu.__doc__ = USAGE
 
     def _line(self, line: str):
-        try:
-            args = parse_argstring(self._line_args, line)
-        except SystemExit:
-            raise UsageError(f"bad %gpu command: {line!r}. {self._line_args.__doc__}") from None
+        args = _parse(_LINE, line)
+        if args.help:
+            print(USAGE)
+            return None
+        sized = any(v is not None for v in (args.memory, args.fraction, args.gpus, args.pool))
+        if sized and args.command != "attach":
+            raise UsageError(f"%gpu {args.command} takes no slice options; they belong to `%gpu attach` or `%%gpu`")
         if args.command == "attach":
             session = connection.get_session()
             session.default = _request(args)
-            print(f"gpu-attach: cells in this notebook ask for {session.default.describe()} unless they say otherwise")
+            result = session.check_environment(relay=IPythonRelay(self.shell))
+            where = ", ".join(g["id"] for g in result.lease["gpus"])
+            print(f"gpu-attach: cells in this notebook ask for {session.default.describe()} unless they say "
+                  f"otherwise; the session's sandbox is ready ({where})")
         elif args.command == "detach":
             connection.close_session()
-            print("gpu-attach: detached (the embedded broker, if any, is stopped)")
+            print("gpu-attach: detached (the session's sandbox is ended, and the embedded broker, if any, stopped)")
         elif args.command == "pool":
             print(format_pool(connection.get_session().pool()))
+        elif args.command == "widget":
+            try:
+                from .widget import widget as make_widget
+            except ImportError as e:
+                raise UsageError(f"the widget needs ipywidgets ({e}): pip install ipywidgets") from None
+            return make_widget()
         else:
             print(format_status(connection.current_session()))
+        return None
+
+
+def _as_cell_error(e: SyntaxError, count: int) -> None:
+    """Show a syntax error in a %%gpu cell as IPython shows one in the same cell run locally: where
+    it is in the cell body (numbered as remote tracebacks are), and no frames of ours."""
+    e.filename = f"Cell In[{count}]" if count else "<%%gpu cell>"
+    e.__traceback__ = None
+    e.gpu_attach_clean = True
+
+
+def show_clean_syntax_error(shell, etype, value, tb, tb_offset=None):
+    """IPython custom exception handler for SyntaxError: ours without frames, others as usual
+    (a handler shows the traceback itself; IPython only keeps what it returns)."""
+    if getattr(value, "gpu_attach_clean", False):
+        stb = shell.SyntaxTB.structured_traceback(etype, value, [])
+    elif hasattr(value, "_render_traceback_"):
+        stb = value._render_traceback_()
+    else:
+        import traceback
+
+        stb = shell.SyntaxTB.structured_traceback(etype, value, traceback.extract_tb(tb))
+    shell._showtraceback(etype, value, stb)
+    return stb
 
 
 def format_pool(pool: dict) -> str:
@@ -105,10 +187,17 @@ def format_status(session) -> str:
         f"default   {session.default.describe()}",
         f"holding   {'lease ' + session.active_lease['id'] if session.active_lease else 'no GPU (none is held between cells)'}",
     ]
+    remote = session.remote
+    if remote.sandbox:
+        lines.append(f"sandbox   on agent {remote.agent}, holding {len(remote.synced)} of this notebook's values")
+    if remote.remote_only:
+        lines.append("remote    these stay in the sandbox (later %%gpu cells can use them; they cannot travel here):")
+        lines += [f"            {n}: {why}" for n, why in sorted(remote.remote_only.items())]
     last = session.last
     if last is not None:
         g = ", ".join(d["id"] + (" (simulated)" if d["simulated"] else "") for d in last.lease["gpus"])
         t = last.timings
         lines.append(f"last cell lease {last.lease['id']} on {g}: {t['total'] * 1000:.1f} ms in all, "
-                     f"{last.remote_elapsed_s * 1000:.1f} ms running; returned {', '.join(last.returned) or 'nothing'}")
+                     f"{last.remote_elapsed_s * 1000:.1f} ms running; sent {', '.join(last.sent) or 'nothing'}"
+                     f" (already there: {', '.join(last.cached) or 'nothing'}); returned {', '.join(last.returned) or 'nothing'}")
     return "\n".join(lines)

@@ -6,10 +6,10 @@ releases; the magics, the widget and the Python API are shells around it. No IPy
 
 from __future__ import annotations
 
+import os
 import secrets
 import select
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,17 +17,21 @@ from typing import Any, MutableMapping, TextIO
 
 from . import wire
 from .broker_client import BrokerClient
-from .cell_analysis import analyse, is_shippable_name
+from .cell_analysis import analyse
+from .environment import environment
 from .errors import (
     AgentLost,
     CellRejected,
     CellTimeout,
+    EnvironmentMismatch,
     GPUAttachError,
-    InputError,
     LeaseLost,
     RemoteCellError,
+    RemoteStateLost,
     RemoteTraceback,
 )
+from .namespace_sync import RemoteNamespace
+from .relay import PlainRelay
 from .slices import SliceRequest, format_size
 
 #: Inputs this large get a line of progress in the cell's output.
@@ -42,7 +46,7 @@ INTERRUPT_GRACE_S = 5.0
 
 @dataclass
 class CellResult:
-    """What a finished cell did: names returned, names it could not return, timings, lease."""
+    """What a finished cell did: names returned, names that stay remote, timings, lease."""
 
     lease: dict
     returned: list[str]
@@ -50,6 +54,8 @@ class CellResult:
     not_returned: dict[str, str]
     remote_elapsed_s: float
     timings: dict[str, float] = field(default_factory=dict)
+    sent: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
 
 
 class _Renewer:
@@ -106,7 +112,8 @@ class _Renewer:
 
 
 class GPUSession:
-    """One notebook's relationship with the pool: its broker, default request and session id."""
+    """One notebook's relationship with the pool: its broker, default request, session id, and the
+    view of its sandbox's namespace (what the sandbox holds, what stays there)."""
 
     def __init__(self, broker_url: str, token: str, default: SliceRequest | None = None,
                  session_id: str | None = None, embedded: Any = None):
@@ -116,6 +123,8 @@ class GPUSession:
         self.embedded = embedded  # the LocalPool-like handle when this session started the broker
         self.last: CellResult | None = None
         self.active_lease: dict | None = None
+        self.remote = RemoteNamespace()
+        self._env_checked = False
         self._told_simulated = False
         self._lock = threading.Lock()  # one cell at a time per session
         self._renewer = _Renewer(self.broker)
@@ -129,22 +138,23 @@ class GPUSession:
         stdout: TextIO | None = None,
         stderr: TextIO | None = None,
         label: str = "",
+        relay: Any = None,
+        execution_count: int | None = None,
     ) -> CellResult:
         """Run ``source`` on a leased slice, reading inputs from and writing results to ``namespace``."""
         __tracebackhide__ = True
-        stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+        relay = relay or PlainRelay(stdout, stderr)
         names = analyse(source)  # a SyntaxError is raised here, before anything is leased
-        wanted = {n: namespace[n] for n in sorted(names.reads) if n in namespace and is_shippable_name(n)}
         t0 = time.perf_counter()
-        index, buffers, failures = wire.dump_names(wanted)
+        inputs = self.remote.plan(names, namespace)
+        buffers = wire.dumps(inputs.values, namespace) if inputs.values else []
         size = sum(memoryview(b).nbytes for b in buffers)
-        for name, why in failures.items():
-            if name not in names.binds:
-                raise InputError(f"cannot send {name!r} to the GPU: {why}. Compute it inside the %%gpu cell, "
-                                 "or convert it to something picklable (arrays, lists, dicts, dataframes) first.")
         t_ship = time.perf_counter()
 
         request = (request or self.default).or_default()
+        header = {"op": "run", "source": source, "count": execution_count or 0, "cwd": os.getcwd(), **inputs.header}
+        if not self._env_checked:
+            header["env"] = environment()
         with self._lock:
             lease = self.broker.request_lease(request, self.session_id, label)
             t_lease = time.perf_counter()
@@ -154,69 +164,164 @@ class GPUSession:
                 if lease.get("simulated") and not self._told_simulated:
                     self._told_simulated = True
                     gpu = lease["gpus"][0]["id"]
-                    stderr.write(f"gpu-attach: {gpu} is a SIMULATED device (no NVIDIA GPU on its host): "
+                    relay.stream("stderr", f"gpu-attach: {gpu} is a SIMULATED device (no NVIDIA GPU on its host): "
                                  "this cell runs on the CPU, and `import cupy` gives a NumPy stand-in.\n")
-                header = {"op": "run", "source": source, "inputs": index,
-                          "bound": sorted(names.binds), "deleted": sorted(names.deletes)}
                 if size >= LARGE_TRANSFER_BYTES:  # seconds of transfer: say so rather than look stuck
-                    stderr.write(f"gpu-attach: sending {format_size(size)} of inputs to {lease['gpus'][0]['id']} ...\n")
-                reply = _exchange(lease, header, buffers, size, timeout, stdout, stderr, self._renewer.lost)
+                    relay.stream("stderr", f"gpu-attach: sending {format_size(size)} of inputs to "
+                                 f"{lease['gpus'][0]['id']} ...\n")
+                exchange = _Exchange(lease, relay, self._renewer.lost, namespace, inputs.hashes)
+                reply = exchange.run(header, buffers, size, timeout)
             finally:
                 self._renewer.untrack()
                 self.active_lease = None
                 try:
                     self.broker.release(lease["id"])
                 except GPUAttachError as e:
-                    stderr.write(f"gpu-attach: could not release lease {lease['id']} ({e}); "
+                    relay.stream("stderr", f"gpu-attach: could not release lease {lease['id']} ({e}); "
                                  f"it expires by itself within {lease['ttl_s']:g} s\n")
             t_done = time.perf_counter()
 
-        if reply.op == "error":
-            raise _remote_exception(reply, failures)
-        not_returned = dict(reply.header.get("failures") or {})
-        values = wire.load_names(reply.header["values"], reply.buffers, not_returned)
-        namespace.update(values)
-        for n in reply.header.get("deleted", []):
-            namespace.pop(n, None)
+        h = reply.header
+        self._env_checked = True
+        if self.remote.sandbox is not None and h.get("sandbox") != self.remote.sandbox:
+            # A new sandbox: what the old one held is gone; the cell already re-sent what it needed.
+            self.remote.forget()
+        self.remote.sandbox = h.get("sandbox")
+        self.remote.agent = lease["agent"]["id"]
+        self.remote.sent(inputs)
+        for n in exchange.resent:
+            self.remote.synced[n] = inputs.hashes[n]
+        error = h.get("error")
+        n_values = int(h.get("value_buffers", len(reply.buffers))) if error else len(reply.buffers)
+        load_failures: dict[str, str] = {}
+        values: dict[str, Any] = {}
+        if n_values:
+            try:
+                values = wire.loads(reply.buffers[:n_values], namespace)
+            except Exception as e:  # one value's module is not installed here: they all stay there
+                why = f"it could not be loaded here ({type(e).__name__}: {e})"
+                load_failures = {n: why for n in h.get("values", [])}
+        returned = self.remote.apply(h, values, namespace, load_failures)
+        not_returned = dict(h.get("remote") or {}, **load_failures)
         for n, why in not_returned.items():
-            stderr.write(f"gpu-attach: {n!r} stays on the GPU host: {why}\n")
+            relay.stream("stderr", f"gpu-attach: {n!r} stays in this session's sandbox on the GPU host ({why}); "
+                         "later %%gpu cells can use it\n")
+        remote_cwd = h.get("cwd")
+        if isinstance(remote_cwd, str) and remote_cwd != header["cwd"] and os.path.isdir(remote_cwd):
+            os.chdir(remote_cwd)  # the cell ran %cd: the notebook follows, as a local cell would
         self.last = CellResult(
-            lease=lease, returned=sorted(values), deleted=list(reply.header.get("deleted", [])),
-            not_returned=not_returned, remote_elapsed_s=float(reply.header.get("elapsed", 0.0)),
+            lease=lease, returned=returned, deleted=list(h.get("deleted", [])),
+            not_returned=not_returned, remote_elapsed_s=float(h.get("elapsed", 0.0)),
             timings={"serialise": t_ship - t0, "lease": t_lease - t_ship, "cell": t_done - t_lease,
-                     "total": time.perf_counter() - t0})
+                     "total": time.perf_counter() - t0},
+            sent=sorted(inputs.values) + sorted(exchange.resent), cached=sorted(set(inputs.header["cached"]) - exchange.resent))
+        if error:
+            raise self._remote_error(error, reply.buffers[n_values:], inputs.failures)
         return self.last
+
+    def _remote_error(self, error: dict, buffers: list, unsent: dict[str, str]) -> BaseException:
+        etype, message = error.get("etype", "Exception"), error.get("message", "")
+        where = f"agent {self.remote.agent}"
+        if etype == "gpu_attach.RemoteStateLost":
+            for n in message.split(", "):
+                self.remote.remote_only.pop(n, None)
+            return RemoteStateLost(
+                f"{message} lived only in this session's sandbox, which has ended since (idle too long, its agent "
+                f"restarted, or this cell ran on another GPU than {where}'s). Re-run the cells that made them.")
+        if etype == "gpu_attach.EnvironmentMismatch":
+            return EnvironmentMismatch(f"{where}: {message}")
+        if etype in ("gpu_attach.InputError", "gpu_attach.ProtocolError"):
+            return CellRejected(f"{where}: {message}")
+        exc: BaseException | None = None
+        if buffers:
+            try:
+                exc = wire.loads(buffers)
+            except Exception:
+                exc = None
+        if not isinstance(exc, BaseException):
+            exc = RemoteCellError(etype.rsplit(".", 1)[-1], message)
+        stb = error.get("stb")
+        if stb:
+            try:
+                exc._render_traceback_ = lambda: list(stb)  # IPython shows the remote cell's own traceback
+            except (AttributeError, TypeError):
+                pass
+        exc.__cause__ = RemoteTraceback("".join(stb or []))
+        exc.__suppress_context__ = True
+        if isinstance(exc, NameError) and getattr(exc, "name", None) in unsent:
+            exc.add_note(f"{exc.name!r} was not sent to the GPU: {unsent[exc.name]}")
+        return exc
+
+    def set_token(self, token: str) -> None:
+        """Use another user token from the next request on (the broker URL stays)."""
+        self.broker = BrokerClient(self.broker.url, token)
+        self._renewer = _Renewer(self.broker)
+
+    def check_environment(self, relay: Any = None) -> CellResult:
+        """Run an empty cell: starts (warms) the session's sandbox and compares its environment."""
+        self._env_checked = False
+        return self.run("", {}, relay=relay)
 
     def pool(self) -> dict:
         return self.broker.pool()
 
     def close(self) -> None:
+        """End the session: its sandbox is ended, and an embedded broker this session started stops."""
+        end = getattr(self.broker, "end_session", None)
+        if end is not None and self.remote.sandbox is not None:
+            try:
+                end(self.session_id)
+            except GPUAttachError:
+                pass
         if self.embedded is not None:
             self.embedded.stop()
             self.embedded = None
 
 
-def _exchange(lease: dict, header: dict, buffers: list, size: int, timeout: float | None, stdout: TextIO, stderr: TextIO,
-              lost: dict[str, str]) -> wire.Frame:
-    """Send the cell to the lease's agent and relay output until the result or error arrives."""
-    host, port = lease["agent"]["address"].rsplit(":", 1)
-    where = f"agent {lease['agent']['id']} at {lease['agent']['address']}"
-    try:
-        sock = socket.create_connection((host, int(port)), timeout=10)
-    except OSError as e:
-        raise AgentLost(f"cannot connect to {where}: {e}") from None
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    # Admission may have to start a sandbox process (seconds on a busy host), not just verify.
-    sock.settimeout(ADMISSION_TIMEOUT_S)
-    started = time.monotonic()
-    deadline = started + timeout if timeout else None
-    interrupted_at: float | None = None
-    why_interrupted = ""
-    try:
+class _Exchange:
+    """One cell's conversation with its sandbox: send the cell, relay its output and input requests,
+    answer its requests for inputs, pass on the stop button, and return the result frame."""
+
+    def __init__(self, lease: dict, relay: Any, lost: dict[str, str], namespace: MutableMapping[str, Any],
+                 hashes: dict[str, str]):
+        self.lease, self.relay, self.lost = lease, relay, lost
+        self.namespace, self.hashes = namespace, hashes
+        self.resent: set[str] = set()
+        self.where = f"agent {lease['agent']['id']} at {lease['agent']['address']}"
+
+    def run(self, header: dict, buffers: list, size: int, timeout: float | None) -> wire.Frame:
+        host, port = self.lease["agent"]["address"].rsplit(":", 1)
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=10)
+        except OSError as e:
+            raise AgentLost(f"cannot connect to {self.where}: {e}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Admission may have to start a sandbox process (seconds on a busy host), not just verify.
+        sock.settimeout(ADMISSION_TIMEOUT_S)
+        self.started = time.monotonic()
+        try:
+            return self._converse(sock, header, buffers, size, timeout)
+        except (wire.PeerClosed, ConnectionResetError, BrokenPipeError):
+            if self.lease["id"] in self.lost:
+                raise LeaseLost(f"the lease ended while the cell ran ({self.lost[self.lease['id']]}); "
+                                "the agent stopped the cell") from None
+            raise AgentLost(
+                f"{self.where} closed the connection {time.monotonic() - self.started:.1f} s into the cell: the agent "
+                "or the cell's sandbox died. The lease has been released; run the cell again.") from None
+        except (ConnectionError, wire.WireError) as e:
+            raise AgentLost(f"the connection to {self.where} broke mid-cell ({e}); the lease has been released") from None
+        finally:
+            sock.close()
+
+    def _converse(self, sock, header, buffers, size, timeout) -> wire.Frame:
+        where = self.where
+        deadline = self.started + timeout if timeout else None
+        interrupted_at: float | None = None
+        why_interrupted = ""
         # A small cell goes right behind the hello (one round trip less); a large one waits
         # until the agent has accepted the grant, so a refusal costs no wasted transfer.
         pipelined = size <= wire.PIPELINE_MAX_BYTES
-        wire.send_frame(sock, {"op": "hello", "token": lease["token"], "protocol": wire.PROTOCOL_VERSION})
+        wire.send_frame(sock, {"op": "hello", "token": self.lease["token"], "protocol": wire.PROTOCOL_VERSION})
         if pipelined:
             wire.send_frame(sock, header, buffers)
         try:
@@ -256,24 +361,55 @@ def _exchange(lease: dict, header: dict, buffers: list, size: int, timeout: floa
             if not ready:
                 continue
             frame = wire.recv_frame(sock)  # an interrupt mid-frame ends the exchange (and so the cell)
-            if frame.op == "stream":
-                (stderr if frame.header.get("name") == "stderr" else stdout).write(frame.header.get("text", ""))
-                continue
-            if frame.op in ("result", "error"):
-                if why_interrupted == "timeout" and frame.op == "error":
+            op = frame.op
+            if op == "stream":
+                self.relay.stream("stderr" if frame.header.get("name") == "stderr" else "stdout",
+                                  str(frame.header.get("text", "")))
+            elif op == "display":
+                h = frame.header
+                self.relay.display(h.get("data") or {}, h.get("metadata") or {}, h.get("transient") or {},
+                                   bool(h.get("update")))
+            elif op == "clear_output":
+                self.relay.clear_output(bool(frame.header.get("wait")))
+            elif op == "execute_result":
+                self._result(frame)
+            elif op == "input_request":
+                self._input(sock, frame.header)
+            elif op == "need":
+                self._resend(sock, frame.header.get("names") or [])
+            elif op == "result":
+                err = (frame.header.get("error") or {}).get("etype", "")
+                if why_interrupted == "timeout" and err.endswith("KeyboardInterrupt"):
                     raise _stopped("timeout", timeout, hung=False)
                 return frame
-            raise AgentLost(f"{where} sent an unexpected {frame.op!r} frame")
-    except (wire.PeerClosed, ConnectionResetError, BrokenPipeError):
-        if lease["id"] in lost:
-            raise LeaseLost(f"the lease ended while the cell ran ({lost[lease['id']]}); the agent stopped the cell") from None
-        raise AgentLost(
-            f"{where} closed the connection {time.monotonic() - started:.1f} s into the cell: the agent or the "
-            "cell's sandbox died. The lease has been released; run the cell again.") from None
-    except (ConnectionError, wire.WireError) as e:
-        raise AgentLost(f"the connection to {where} broke mid-cell ({e}); the lease has been released") from None
-    finally:
-        sock.close()
+            else:
+                raise AgentLost(f"{where} sent an unexpected {op!r} frame")
+
+    def _result(self, frame: wire.Frame) -> None:
+        h = frame.header
+        value, has_value = None, bool(h.get("has_value") and frame.buffers)
+        if has_value:
+            try:
+                value = wire.loads(frame.buffers, self.namespace)
+            except Exception:
+                has_value = False
+        self.relay.result(h.get("data") or {}, h.get("metadata") or {}, value, has_value)
+
+    def _input(self, sock, h: dict) -> None:
+        try:
+            reply = {"op": "input_reply", "value": self.relay.ask(str(h.get("prompt", "")), bool(h.get("password")))}
+        except KeyboardInterrupt:
+            reply = {"op": "input_reply", "error": "interrupted", "etype": "KeyboardInterrupt"}
+        except Exception as e:
+            reply = {"op": "input_reply", "error": str(e), "etype": type(e).__name__}
+        wire.send_frame(sock, reply)
+
+    def _resend(self, sock, names: list) -> None:
+        """The sandbox no longer holds inputs we thought it did (a new sandbox): send them now."""
+        wanted = {n: self.namespace[n] for n in names if isinstance(n, str) and n in self.namespace}
+        self.resent |= set(wanted)
+        wire.send_frame(sock, {"op": "values", "hashes": {n: self.hashes[n] for n in wanted if n in self.hashes}},
+                        wire.dumps(wanted, self.namespace))
 
 
 def _stopped(why: str, timeout: float | None, hung: bool) -> BaseException:
@@ -281,20 +417,3 @@ def _stopped(why: str, timeout: float | None, hung: bool) -> BaseException:
     if why == "timeout":
         return CellTimeout(f"the cell ran past --timeout {timeout:g} s and was interrupted.{tail}")
     return KeyboardInterrupt(f"the cell was interrupted.{tail}")
-
-
-def _remote_exception(reply: wire.Frame, unsent: dict[str, str]) -> BaseException:
-    h = reply.header
-    exc: BaseException | None = None
-    if reply.buffers:
-        try:
-            exc = wire.loads(reply.buffers)
-        except Exception:
-            exc = None
-    if not isinstance(exc, BaseException):
-        exc = RemoteCellError(h.get("etype", "Exception"), h.get("message", ""))
-    exc.__cause__ = RemoteTraceback(h.get("traceback", ""))
-    if isinstance(exc, NameError) and getattr(exc, "name", None) in unsent:
-        exc.add_note(f"{exc.name!r} was not sent to the GPU: {unsent[exc.name]}")
-    return exc
-

@@ -102,6 +102,13 @@ class SliceRequest:
     def is_default(self) -> bool:
         return self.gpus is None and self.fraction is None and self.memory is None
 
+    def over(self, default: "SliceRequest") -> "SliceRequest":
+        """This request where it says something, ``default`` where it does not (a cell that names
+        only ``--pool`` keeps the notebook's size and changes the pool)."""
+        if self.is_default:
+            return SliceRequest(default.gpus, default.fraction, default.memory, self.pool or default.pool)
+        return self if self.pool is not None else SliceRequest(self.gpus, self.fraction, self.memory, default.pool)
+
     def or_default(self) -> "SliceRequest":
         """A request that names no size means one whole GPU."""
         return SliceRequest(gpus=1, pool=self.pool) if self.is_default else self

@@ -11,6 +11,7 @@ into the pickle, and are received straight into their final memory (``recv_into`
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import pickle
@@ -18,13 +19,16 @@ import socket
 import struct
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
+import xxhash
 
 MAGIC = b"GPA1"
-PROTOCOL_VERSION = 1
+#: 2: the session's namespace lives in its sandbox; values travel together, by content hash.
+PROTOCOL_VERSION = 2
 _PREFIX = struct.Struct("<4sII")
 _LEN = struct.Struct("<Q")
 
@@ -187,84 +191,138 @@ def _chunks(data: bytes, size: int):
 # Values
 
 
-def _identity(x):
-    """Unpickling hook: a value that was converted (e.g. GPU array to host array) before pickling."""
-    return x
-
-
 class _HostPickler(cloudpickle.Pickler):
-    """cloudpickle that brings device arrays home: CuPy arrays become NumPy, CUDA tensors CPU."""
+    """cloudpickle that brings device arrays home (CuPy arrays become NumPy, CUDA tensors CPU) and
+    keeps notebook functions in the notebook: a function or class defined in ``namespace`` (the
+    notebook's, or the sandbox's) is rebuilt in the receiving side's namespace, so it reads that
+    side's current globals when called instead of copies taken when it was sent."""
+
+    def __init__(self, file, namespace: dict | None = None, **kw):
+        super().__init__(file, **kw)
+        self._namespace = namespace
+        if namespace is not None:
+            self._marker: dict = {}
+            self.globals_ref[id(namespace)] = self._marker
+
+    def persistent_id(self, obj):
+        if self._namespace is not None and obj is self._marker:
+            return "ns"
+        return None
 
     def reducer_override(self, obj):
         t = type(obj)
         mod = t.__module__ or ""
+        # Reduced as the host array itself, so a device array and its host copy hash the same.
         if mod.startswith("cupy") and t.__name__ == "ndarray" and hasattr(obj, "get"):
-            return _identity, (obj.get(),)
+            return obj.get().__reduce_ex__(5)
+        if mod.startswith("matplotlib.figure") and t.__name__ == "Figure":
+            # A figure travels as a picture of itself, never re-opened in the receiving pyplot:
+            # the sandbox already showed it, and the notebook would show it a second time.
+            reduced = obj.__reduce_ex__(5)
+            if len(reduced) > 2 and isinstance(reduced[2], dict) and "_restore_to_pylab" in reduced[2]:
+                state = dict(reduced[2])
+                del state["_restore_to_pylab"]
+                return (*reduced[:2], state, *reduced[3:])
+            return reduced
         torch = sys.modules.get("torch") if mod.startswith("torch") else None
         if torch is not None and isinstance(obj, torch.Tensor) and obj.is_cuda:
-            return _identity, (obj.detach().cpu(),)
+            return obj.detach().cpu().__reduce_ex__(5)
         return super().reducer_override(obj)
 
+    def _dynamic_function_reduce(self, func):
+        reduced = super()._dynamic_function_reduce(func)
+        if self._namespace is not None and func.__globals__ is self._namespace:
+            make, newargs, (state, slotstate), *rest = reduced
+            # Its globals are the receiving namespace: capturing their values here would only
+            # send (and hash) copies of them with every function.
+            slotstate = dict(slotstate, __globals__={})
+            return (make, newargs, (state, slotstate), *rest)
+        return reduced
 
-def dumps(value: Any) -> list[Any]:
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, namespace: dict | None, buffers):
+        super().__init__(file, buffers=buffers)
+        self._namespace = namespace
+
+    def persistent_load(self, pid):
+        if pid == "ns" and self._namespace is not None:
+            return self._namespace
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+
+def dumps(value: Any, namespace: dict | None = None) -> list[Any]:
     """Serialise ``value``: ``[pickle_stream, oob_buffer, ...]``, large buffers not copied."""
     oob: list[pickle.PickleBuffer] = []
     out = io.BytesIO()
-    _HostPickler(out, protocol=5, buffer_callback=oob.append).dump(value)
+    _HostPickler(out, namespace, protocol=5, buffer_callback=oob.append).dump(value)
     return [out.getbuffer()] + [b.raw() for b in oob]
 
 
-def loads(buffers: list[Any]) -> Any:
+def loads(buffers: list[Any], namespace: dict | None = None) -> Any:
     """Inverse of :func:`dumps`; arrays are backed by the received buffers (no copy)."""
     if not buffers:
         raise WireError("value frame carries no pickle stream")
-    return pickle.loads(buffers[0], buffers=buffers[1:])
+    return _Unpickler(io.BytesIO(buffers[0]), namespace, buffers[1:]).load()
 
 
-def dump_names(values: dict[str, Any]) -> tuple[list[list], list[Any], dict[str, str]]:
-    """Serialise each name on its own, so that one value that cannot travel is named, not fatal.
+def fingerprint(value: Any, namespace: dict | None = None) -> str:
+    """A content hash of ``value`` as it would travel: its pickle stream and out-of-band buffers,
+    hashed where they lie (xxh3-128; nothing is copied). Raises whatever pickling raises."""
+    h = xxhash.xxh3_128()
+    oob: list[pickle.PickleBuffer] = []
+    out = io.BytesIO()
+    pickler = _HostPickler(out, namespace, protocol=5, buffer_callback=oob.append)
+    # No memo: a value and its copy on the other side then pickle to the same bytes even where
+    # unpickling shared an object (an interned string) that was two before.
+    pickler.fast = not isinstance(value, (types.FunctionType, type))  # cloudpickle needs it for those
+    try:
+        pickler.dump(value)
+    except (ValueError, pickle.PicklingError):  # a reference cycle needs the memo
+        oob.clear()
+        out = io.BytesIO()
+        _HostPickler(out, namespace, protocol=5, buffer_callback=oob.append).dump(value)
+    h.update(out.getbuffer())
+    for b in oob:
+        raw = b.raw()
+        h.update(_LEN.pack(raw.nbytes))
+        h.update(raw)
+    return h.hexdigest()
 
-    Returns ``(index, buffers, failures)``: ``index`` is ``[[name, n_buffers], ...]`` in the order
-    the buffers follow; ``failures`` maps a name to why it could not be serialised.
-    """
-    index: list[list] = []
-    buffers: list[Any] = []
+
+def fingerprints(values: dict[str, Any], namespace: dict | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """``(hashes, failures)``: each value's :func:`fingerprint`, or why it cannot travel."""
+    hashes: dict[str, str] = {}
     failures: dict[str, str] = {}
     for name, value in values.items():
         try:
-            parts = dumps(value)
+            hashes[name] = fingerprint(value, namespace)
         except Exception as e:  # pickling raises anything: TypeError, PicklingError, RecursionError
-            failures[name] = f"{type(value).__name__} cannot be serialised ({type(e).__name__}: {e})"
-            continue
-        index.append([name, len(parts)])
-        buffers.extend(parts)
-    return index, buffers, failures
+            failures[name] = f"{type(value).__name__} cannot be serialised ({type(e).__name__}: {str(e)[:200]})"
+    return hashes, failures
 
 
-def load_names(index: list[list], buffers: list[Any], failures: dict[str, str] | None = None) -> dict[str, Any]:
-    """Inverse of :func:`dump_names`. With ``failures``, a value that cannot be rebuilt here is
-    recorded there by name and skipped; without, it raises :class:`ValueLoadError`."""
+def split_modules(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Modules travel by name (``{"np": "numpy"}``), everything else by value."""
+    mods = {n: module_name(v) for n, v in values.items() if isinstance(v, types.ModuleType)}
+    return {n: v for n, v in values.items() if n not in mods}, mods
+
+
+def module_name(mod: types.ModuleType) -> str:
+    """The name to import ``mod`` by on the other side (a simulated ``cupy`` is still ``cupy``)."""
+    return getattr(mod, "__import_name__", None) or mod.__name__
+
+
+def load_modules(mods: dict[str, str], failures: dict[str, str] | None = None) -> dict[str, Any]:
+    """Import modules by name; one that is not installed here is recorded in ``failures``."""
     out: dict[str, Any] = {}
-    pos = 0
-    for entry in index:
-        name, n = entry if isinstance(entry, (list, tuple)) and len(entry) == 2 else (None, None)
-        if not isinstance(name, str) or not isinstance(n, int) or n < 1 or pos + n > len(buffers):
-            raise WireError("value index does not match the frame's buffers")
+    for name, modname in mods.items():
+        if not isinstance(name, str) or not isinstance(modname, str):
+            raise WireError("module table must map names to module names")
         try:
-            out[name] = loads(buffers[pos : pos + n])
+            out[name] = importlib.import_module(modname)
         except Exception as e:
             if failures is None:
-                raise ValueLoadError(name, e) from e
-            failures[name] = f"it could not be rebuilt here ({type(e).__name__}: {e})"
-        pos += n
-    if pos != len(buffers):
-        raise WireError(f"value index covers {pos} of the frame's {len(buffers)} buffers")
+                raise
+            failures[name] = f"module {modname!r} cannot be imported here ({type(e).__name__}: {e})"
     return out
-
-
-class ValueLoadError(WireError):
-    """One named value could not be rebuilt (e.g. its module is not installed on this side)."""
-
-    def __init__(self, name: str, error: Exception):
-        super().__init__(f"{name!r} could not be loaded: {type(error).__name__}: {error}")
-        self.name, self.error = name, error

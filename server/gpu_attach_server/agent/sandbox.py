@@ -8,12 +8,10 @@ this process without passing through the agent. It never outlives the agent.
 
 from __future__ import annotations
 
-import builtins
 import codecs
 import ctypes
 import gc
 import json
-import linecache
 import os
 import queue
 import select
@@ -26,20 +24,27 @@ import traceback
 
 from jupyter_gpu_attach import wire
 
-CELL_PREFIX = "<gpu-cell-"
+#: Output is sent at most this often (a loop of prints becomes a few frames, not thousands).
+STREAM_INTERVAL_S = 0.05
+#: Past this many bytes a second of stream output, the rest of that second is dropped and counted.
+STREAM_RATE_LIMIT = 2 * 1024 * 1024
+#: Past this many displays a second, the rest of that second are dropped and counted.
+DISPLAY_RATE_LIMIT = 200
 
 
 class _Output:
     """``sys.stdout`` / ``sys.stderr`` for the sandbox's whole life, and what the process writes to
-    its file descriptors 1 and 2: everything goes to the running cell as ``stream`` frames, live
-    (and is dropped between cells). One object for the whole life, so a handler that captured the
-    stream in one cell (``logging.basicConfig``) still reaches the notebook in the next."""
+    its file descriptors 1 and 2: everything goes to the running cell as ``stream`` frames, live,
+    coalesced and rate-limited (and is dropped between cells). One object for the whole life, so a
+    handler that captured the stream in one cell (``logging.basicConfig``) still reaches the
+    notebook in the next."""
 
     def __init__(self, sandbox: "Sandbox", name: str):
         self._sandbox, self.name = sandbox, name
         self._lock = threading.RLock()
         self._pending: list[str] = []
         self._size = 0
+        self._first = 0.0  # when the oldest pending text was written
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):
@@ -47,9 +52,11 @@ class _Output:
         with self._lock:
             if self._sandbox.current is None:
                 return len(text)
+            if not self._pending:
+                self._first = time.monotonic()
             self._pending.append(text)
             self._size += len(text)
-            if "\n" in text or self._size > 8192:
+            if self._size > 65536:
                 self._flush_locked()
         return len(text)
 
@@ -57,10 +64,17 @@ class _Output:
         with self._lock:
             self._flush_locked()
 
+    def flush_if_due(self, now: float) -> None:
+        with self._lock:
+            if self._pending and now - self._first >= STREAM_INTERVAL_S:
+                self._flush_locked()
+
     def _flush_locked(self) -> None:
         cell = self._sandbox.current
         if self._pending and cell is not None:
-            cell.send({"op": "stream", "name": self.name, "text": "".join(self._pending)})
+            text = "".join(self._pending)
+            if cell.budget.allow("bytes", len(text)):
+                cell.send({"op": "stream", "name": self.name, "text": text})
         self._pending, self._size = [], 0
 
     def isatty(self) -> bool:
@@ -75,6 +89,34 @@ class _Output:
     @property
     def encoding(self) -> str:
         return "utf-8"
+
+
+class _Budget:
+    """Per-second allowances for one cell's output; what goes over is counted, then reported."""
+
+    def __init__(self):
+        self.window = 0
+        self.used = {"bytes": 0, "displays": 0}
+        self.dropped = {"bytes": 0, "displays": 0}
+        self.limits = {"bytes": STREAM_RATE_LIMIT, "displays": DISPLAY_RATE_LIMIT}
+
+    def allow(self, kind: str, amount: int) -> bool:
+        second = int(time.monotonic())
+        if second != self.window:
+            self.window, self.used = second, {"bytes": 0, "displays": 0}
+        if self.used[kind] + amount > self.limits[kind]:
+            self.dropped[kind] += amount
+            return False
+        self.used[kind] += amount
+        return True
+
+    def report(self) -> str:
+        parts = []
+        if self.dropped["bytes"]:
+            parts.append(f"{self.dropped['bytes']} characters of output (over {STREAM_RATE_LIMIT // 1024**2} MiB/s)")
+        if self.dropped["displays"]:
+            parts.append(f"{self.dropped['displays']} displays (over {DISPLAY_RATE_LIMIT}/s)")
+        return f"gpu-attach: dropped {' and '.join(parts)} so the notebook stays responsive\n" if parts else ""
 
 
 class _FdCapture:
@@ -117,13 +159,16 @@ class _FdCapture:
 
 
 class _Cell:
-    """One cell's connection: sends are serialised, a reader thread watches for interrupts."""
+    """One cell's connection: sends are serialised; a reader thread watches for interrupts and
+    carries the notebook's answers to ``input()``."""
 
     def __init__(self, conn: socket.socket):
         self.conn = conn
         self.lock = threading.RLock()
         self.finished = threading.Event()
         self.broken = False
+        self.budget = _Budget()
+        self.replies: queue.SimpleQueue[dict] = queue.SimpleQueue()
 
     def send(self, header, buffers=()) -> None:
         main = threading.current_thread() is threading.main_thread()
@@ -142,13 +187,31 @@ class _Cell:
                 if main:
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
+    # CellChannel, for the shell
+    def output(self, header: dict, buffers: list = ()) -> None:
+        if header.get("op") == "display" and not self.budget.allow("displays", 1):
+            return
+        self.send(header, buffers)
+
+    def ask(self, header: dict) -> dict:
+        """Send an input request and wait for the notebook's answer (the stop button still works)."""
+        self.send(header)
+        while True:
+            try:
+                return self.replies.get(timeout=0.1)
+            except queue.Empty:
+                if self.broken:
+                    raise EOFError("the notebook hung up while waiting for input")
+
     def watch_for_interrupt(self) -> None:
         """Runs in a thread: an ``interrupt`` frame, or the kernel hanging up, stops the cell."""
         try:
             while not self.finished.is_set():
-                frame = wire.recv_frame(self.conn, wire.Limits(max_header_bytes=4096, max_buffers=0))
+                frame = wire.recv_frame(self.conn, wire.Limits(max_header_bytes=1 << 20, max_buffers=0))
                 if frame.op == "interrupt" and not self.finished.is_set():
                     _interrupt_main()
+                elif frame.op == "input_reply":
+                    self.replies.put(frame.header)
         except (wire.WireError, OSError):
             if not self.finished.is_set():
                 self.broken = True
@@ -165,6 +228,7 @@ class Sandbox:
     def __init__(self, ctl: socket.socket, config: dict, capture_fds: bool = True):
         self.ctl = ctl
         self.config = config
+        self.instance = os.urandom(8).hex()  # the notebook notices a new sandbox (its state is gone)
         self.cells_run = 0
         self.recycler = wire.BufferRecycler()
         self.limits = wire.Limits(max_payload_bytes=int(config.get("max_payload", wire.MAX_PAYLOAD_BYTES)))
@@ -172,6 +236,12 @@ class Sandbox:
         self.out, self.err = _Output(self, "stdout"), _Output(self, "stderr")
         sys.stdout, sys.stderr = self.out, self.err
         self.fds = _FdCapture({1: self.out, 2: self.err}) if capture_fds else None
+        self.workdir = os.getcwd()
+        self.path_map = [tuple(p) for p in config.get("path_map", []) if len(p) == 2]
+        from .remote_shell import RemoteShell
+
+        self.shell = RemoteShell(cache_bytes=int(config.get("input_cache_bytes", 4 * 1024**3)))
+        self.shell.flush_streams = self._flush_streams
         # SIGINT (the kernel's stop button, relayed) interrupts user code only: one that lands
         # while the sandbox itself is sending a reply must not cut the reply in half.
         self._in_user_code = False
@@ -180,6 +250,7 @@ class Sandbox:
         # kernel hanging up); starting a thread per cell would cost more than a trivial cell.
         self._watch: queue.SimpleQueue[_Cell] = queue.SimpleQueue()
         threading.Thread(target=self._watch_cells, name="interrupt-watch", daemon=True).start()
+        threading.Thread(target=self._flush_forever, name="stream-flush", daemon=True).start()
 
     def _on_sigint(self, signum, frame):
         if self._in_user_code:
@@ -188,6 +259,20 @@ class Sandbox:
     def _watch_cells(self) -> None:
         while True:
             self._watch.get().watch_for_interrupt()
+
+    def _flush_forever(self) -> None:
+        while True:
+            time.sleep(STREAM_INTERVAL_S)
+            if self.current is not None:
+                now = time.monotonic()
+                self.out.flush_if_due(now)
+                self.err.flush_if_due(now)
+
+    def _flush_streams(self) -> None:
+        if self.fds is not None:
+            self.fds.drain()
+        self.out.flush()
+        self.err.flush()
 
     def serve(self) -> None:
         self._report({"op": "ready", "pid": os.getpid()})
@@ -221,63 +306,105 @@ class Sandbox:
         cell = _Cell(conn)
         try:
             conn.settimeout(30)
-            frame = wire.recv_frame(conn, self.limits, self.recycler)
+            frame = self._receive(conn)
             conn.settimeout(None)
-        except (wire.WireError, OSError) as e:
-            cell.send({"op": "error", "etype": "gpu_attach.ProtocolError", "message": str(e), "traceback": ""})
+        except (wire.WireError, OSError, MemoryError) as e:
+            cell.send(_error_reply("gpu_attach.ProtocolError", f"the cell's inputs could not be received: {e}"))
             return
         self.current = cell
         try:
-            ok, reply, buffers = self._execute(cell, frame, claims)
-            if self.fds is not None:
-                self.fds.drain()
-            self.out.flush(), self.err.flush()
+            reply, buffers = self._execute(cell, frame, claims)
+            self._flush_streams()
+            note = cell.budget.report()
+            if note:
+                cell.send({"op": "stream", "name": "stderr", "text": note})
         finally:
             self.current = None
         self.recycler.keep(frame.buffers)
         del frame
         self._after_cell()
         cell.finished.set()
+        reply.update(sandbox=self.instance, cells=self.cells_run)
         cell.send(reply, buffers)
 
-    def _execute(self, cell: _Cell, frame: wire.Frame, claims: dict):
+    def _receive(self, conn: socket.socket) -> wire.Frame:
+        return wire.recv_frame(conn, self.limits, self.recycler)
+
+    def _execute(self, cell: _Cell, frame: wire.Frame, claims: dict) -> tuple[dict, list]:
         h = frame.header
         self.cells_run += 1
-        filename = f"{CELL_PREFIX}{self.cells_run}>"
         source = h.get("source")
         if h.get("op") != "run" or not isinstance(source, str):
-            return False, _error_reply("gpu_attach.ProtocolError", "expected a run frame with the cell source", ""), []
+            return _error_reply("gpu_attach.ProtocolError", "expected a run frame with the cell source"), []
+        if isinstance(h.get("env"), dict):
+            from jupyter_gpu_attach.environment import compare, environment
+
+            fatal, warnings = compare(h["env"], environment())
+            if fatal:
+                return _error_reply("gpu_attach.EnvironmentMismatch", "; ".join(fatal)), []
+            for w in warnings:
+                self.err.write(f"gpu-attach: {w}\n")
         try:
-            inputs = wire.load_names(h.get("inputs", []), frame.buffers)
+            values = wire.loads(frame.buffers, self.shell.ns) if frame.buffers else {}
+            if not isinstance(values, dict):
+                raise wire.WireError("inputs must be a dict of names")
+            missing = self.shell.apply_inputs(h, values, h.get("modules") or {})
+            if missing:  # the notebook thought we held these: ask for them once
+                cell.send({"op": "need", "names": missing})
+                more = self._receive(cell.conn)
+                values = wire.loads(more.buffers, self.shell.ns) if more.buffers else {}
+                if self.shell.apply_inputs(more.header, values, {}):
+                    raise wire.WireError("the notebook did not send the inputs asked for")
         except Exception as e:
-            return False, _error_reply(type(e).__name__, f"a cell input could not be loaded on the GPU host: {e}",
-                                       "".join(traceback.format_exception(e))), []
+            return _error_reply("gpu_attach.InputError", f"a cell input could not be loaded on the GPU host: "
+                                f"{type(e).__name__}: {e}"), []
+        lost = self.shell.lost(h.get("expect") or [])
+        if lost:
+            return _error_reply("gpu_attach.RemoteStateLost", ", ".join(lost)), []
+        note = self._enter_workdir(h.get("cwd"))
+        if note:
+            self.err.write(note)
 
         self._limit_memory(claims)
-        ns = {"__name__": "__main__", "__builtins__": builtins}
-        ns.update(inputs)
         t0 = time.perf_counter()
+        self._watch.put(cell)  # an interrupt already waiting is acted on at once
+        self.shell.channel = cell
+        self._in_user_code = True
         try:
-            code = compile(source, filename, "exec")
-            linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-            self._in_user_code = True
-            self._watch.put(cell)  # an interrupt already waiting is acted on at once
-            try:
-                exec(code, ns)
-            finally:
-                self._in_user_code = False
-                cell.finished.set()
-        except BaseException as e:  # the cell's own error, KeyboardInterrupt included, goes back
-            return False, *_exception_reply(e, time.perf_counter() - t0)
+            error, stb, changed, inplace, deleted = self.shell.run(source, int(h.get("count") or self.cells_run),
+                                                          list(h.get("bound") or []), list(h.get("watch") or []))
+        except KeyboardInterrupt as e:  # it landed in IPython's own code, around the cell's
+            error, stb, changed, inplace, deleted = e, None, [], [], []
+        finally:
+            self._in_user_code = False
+            self.shell.channel = None
+            cell.finished.set()
         elapsed = time.perf_counter() - t0
+        header, buffers, _ = self.shell.collect(changed)
+        header.update(op="result", deleted=deleted, inplace=inplace, elapsed=elapsed, cwd=os.getcwd())
+        if error is not None:
+            header["error"], exc_buffers = _describe(error, stb)
+            header["value_buffers"] = len(buffers)
+            buffers = buffers + exc_buffers
+        return header, buffers
 
-        bound = [n for n in h.get("bound", []) if isinstance(n, str)]
-        values = {n: ns[n] for n in bound if n in ns and not isinstance(ns[n], type(sys))}
-        deleted = [n for n in h.get("deleted", []) if isinstance(n, str) and n not in ns]
-        index, buffers, failures = wire.dump_names(values)
-        ns.clear()
-        reply = {"op": "result", "values": index, "failures": failures, "deleted": deleted, "elapsed": elapsed}
-        return True, reply, buffers
+    def _enter_workdir(self, cwd: object) -> str:
+        """Run in the notebook's folder: the same path on this host, or where the agent's path map
+        puts it; else in the session's own folder, and say so."""
+        if not isinstance(cwd, str) or not cwd:
+            return ""
+        target = cwd
+        for src, dst in self.path_map:
+            if cwd == src or cwd.startswith(src.rstrip("/") + "/"):
+                target = dst + cwd[len(src.rstrip("/")):]
+                break
+        try:
+            os.chdir(target)
+            return ""
+        except OSError as e:
+            os.chdir(self.workdir)
+            return (f"gpu-attach: the notebook's folder {cwd} is not reachable on the GPU host ({e.strerror}); "
+                    f"this cell runs in {self.workdir}. Relative paths need the agent's --path-map.\n")
 
     def _limit_memory(self, claims: dict) -> None:
         """Cap the GPU memory pools at the slice's size (a no-op on simulated devices)."""
@@ -314,28 +441,26 @@ class Sandbox:
             torch.cuda.empty_cache()
 
 
-def _error_reply(etype: str, message: str, tb: str) -> dict:
-    return {"op": "error", "etype": etype, "message": message, "traceback": tb}
+def _error_reply(etype: str, message: str) -> dict:
+    return {"op": "result", "values": [], "hashes": {}, "modules": {}, "remote": {}, "deleted": [],
+            "error": {"etype": etype, "message": message, "stb": None}, "value_buffers": 0}
 
 
-def _exception_reply(exc: BaseException, elapsed: float):
-    """The remote traceback (cell frames onward) and, when it pickles, the exception itself."""
-    te = traceback.TracebackException.from_exception(exc)
-    stack = te.stack
-    while stack and not stack[0].filename.startswith(CELL_PREFIX):
-        stack.pop(0)
-    if isinstance(exc, SyntaxError) or not stack:
+def _describe(exc: BaseException, stb: list[str] | None) -> tuple[dict, list]:
+    """The cell's exception: its type, message and IPython's own rendering of the traceback (as a
+    local cell would show it), and the exception itself when it pickles."""
+    if stb is None:
+        te = traceback.TracebackException.from_exception(exc)
         te.stack = traceback.StackSummary.from_list([])
-    tb = "".join(te.format())
-    etype = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    reply = _error_reply(etype, str(exc), tb)
-    reply["elapsed"] = elapsed
+        stb = list(te.format())
+    info = {"etype": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc), "stb": stb}
     exc.__traceback__ = None
+    exc.__context__ = None
     try:
         buffers = wire.dumps(exc)
     except Exception:
         buffers = []
-    return reply, buffers
+    return info, buffers
 
 
 def _die_with_parent(agent_pid: int) -> bool:
@@ -365,6 +490,8 @@ def main() -> None:
         threading.Thread(target=_watch_parent, args=(int(boot["agent_pid"]),), daemon=True).start()
     ctl = socket.socket(fileno=int(boot["ctl_fd"]))
     import numpy  # noqa: F401  most cells use it; importing it touches no GPU
+
+    from . import remote_shell  # noqa: F401  IPython, imported before a lease waits on it
 
     ctl.send(json.dumps({"op": "started", "pid": os.getpid()}).encode())
     msg = ctl.recv(65536)

@@ -13,6 +13,7 @@ import types
 import numpy as _np
 
 __simulated__ = True
+__import_name__ = "cupy"  # the name cells import it by, and the notebook would
 __version__ = "simulated (NumPy " + _np.__version__ + ")"
 
 ndarray = _np.ndarray
