@@ -16,7 +16,7 @@ import functools
 import re
 import symtable
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 # Names IPython puts in the user namespace that a remote cell never needs.
@@ -31,7 +31,7 @@ class CellNames:
     reads: frozenset[str]
     binds: frozenset[str]
     deletes: frozenset[str]
-    python: str  # the cell as Python, after IPython's input transformation
+    python: str = field(default="", compare=False)  # the cell as Python, after IPython's transformation
 
 
 def transform(source: str) -> str:

@@ -247,75 +247,59 @@ def test_loads_of_nothing_is_a_wire_error():
         wire.loads([])
 
 
-def test_dump_names_reports_unpicklable_value_by_name():
+def test_fingerprints_name_what_cannot_travel():
     lock = threading.Lock()
-    values = {"good": np.arange(5), "bad": lock, "also_good": "text"}
-    index, buffers, failures = wire.dump_names(values)
-    assert set(failures) == {"bad"}
-    assert "lock" in failures["bad"].lower()
-    assert "cannot be serialised" in failures["bad"]
-    assert [name for name, _ in index] == ["good", "also_good"]
-    assert sum(n for _, n in index) == len(buffers)
-    back = wire.load_names(index, buffers)
-    assert set(back) == {"good", "also_good"}
-    np.testing.assert_array_equal(back["good"], np.arange(5))
-    assert back["also_good"] == "text"
+    hashes, failures = wire.fingerprints({"good": np.arange(5), "bad": lock, "also_good": "text"})
+    assert set(failures) == {"bad"} and set(hashes) == {"good", "also_good"}
+    assert "lock" in failures["bad"].lower() and "cannot be serialised" in failures["bad"]
 
 
-def test_dump_names_reports_open_file(tmp_path):
-    with open(tmp_path / "f.txt", "w") as fh:
-        index, buffers, failures = wire.dump_names({"fh": fh, "x": 1})
-    assert list(failures) == ["fh"]
-    assert "TextIOWrapper" in failures["fh"]
-    assert wire.load_names(index, buffers) == {"x": 1}
+def test_fingerprint_follows_content_not_identity():
+    a = np.arange(1000.0)
+    assert wire.fingerprint(a) == wire.fingerprint(a.copy())
+    before = wire.fingerprint(a)
+    a[500] = -1  # one element changed in place
+    assert wire.fingerprint(a) != before
+    assert wire.fingerprint([1, 2]) != wire.fingerprint([1, 2, 3])
 
 
-def test_dump_load_names_round_trip_over_socket(pair):
+def test_fingerprint_survives_a_round_trip():
+    # What the sandbox hashes is what the notebook hashes after loading it (no memo artefacts).
+    value = {"df_like": [("a", "a"), ("b", 1.5)], "arr": np.ones(10), "s": "text"}
+    assert wire.fingerprint(wire.loads(wire.dumps(value))) == wire.fingerprint(value)
+
+
+def test_values_travel_together_so_aliases_survive(pair):
     a, b = pair
-    values = {"arr": np.ones((100, 100), dtype=np.float32), "n": 5, "s": "x", "l": [np.zeros(3)]}
-    index, buffers, failures = wire.dump_names(values)
-    assert failures == {}
-    t, errors = _send_in_thread(a, {"op": "result", "values": index}, buffers)
+    arr = np.ones((100, 100), dtype=np.float32)
+    values = {"arr": arr, "alias": arr, "l": [arr], "n": 5}
+    t, errors = _send_in_thread(a, {"op": "result"}, wire.dumps(values))
     f = recv_frame(b)
     t.join(10)
     assert not errors
-    back = wire.load_names(f.header["values"], f.buffers)
-    assert set(back) == set(values)
-    np.testing.assert_array_equal(back["arr"], values["arr"])
-    assert back["n"] == 5 and back["s"] == "x"
-    np.testing.assert_array_equal(back["l"][0], np.zeros(3))
+    back = wire.loads(f.buffers)
+    assert back["arr"] is back["alias"] is back["l"][0]
+    np.testing.assert_array_equal(back["arr"], arr)
 
 
-@pytest.mark.parametrize(
-    "index",
-    [
-        [["a", 5]],  # more buffers than the frame has
-        [["a", 0]],  # a value needs at least its pickle stream
-        [[1, 1]],  # name is not a string
-        [["a", "1"]],  # count is not an int
-    ],
-)
-def test_load_names_rejects_mismatched_index(index):
-    _, buffers, _ = wire.dump_names({"a": 1})
-    with pytest.raises(WireError, match="does not match"):
-        wire.load_names(index, buffers)
+def test_notebook_functions_read_the_receiving_namespace():
+    sender = {"__name__": "__main__"}
+    exec("X = 1\ndef f():\n    return X\nclass C:\n    def m(self):\n        return X\n", sender)
+    receiver = {"X": 41}
+    back = wire.loads(wire.dumps({"f": sender["f"], "C": sender["C"]}, sender), receiver)
+    assert back["f"].__globals__ is receiver
+    receiver["X"] = 42
+    assert back["f"]() == 42 and back["C"]().m() == 42  # not the sender's X, captured when sent
 
 
-def test_load_names_rejects_index_that_leaves_buffers_unread():
-    # The index accounts for fewer buffers than the frame carries: the index does not match.
-    index, buffers, _ = wire.dump_names({"a": 1, "b": 2})
-    assert index == [["a", 1], ["b", 1]]
-    with pytest.raises(WireError):
-        wire.load_names([["a", 1]], buffers)
+def test_modules_travel_by_name():
+    import json as json_module
 
-
-def test_load_names_rejects_index_that_splits_buffers_wrongly():
-    # Same total, wrong split: "a" (an array, 2 parts) is told it has 1 part. That is a
-    # mismatched index and must surface as a WireError, not as a raw pickle error.
-    index, buffers, _ = wire.dump_names({"a": np.arange(10), "b": 2})
-    assert index == [["a", 2], ["b", 1]]
-    with pytest.raises(WireError):
-        wire.load_names([["a", 1], ["b", 2]], buffers)
+    plain, mods = wire.split_modules({"j": json_module, "x": 1})
+    assert plain == {"x": 1} and mods == {"j": "json"}
+    failures = {}
+    loaded = wire.load_modules({"j": "json", "nope": "no_such_module_here"}, failures)
+    assert loaded == {"j": json_module} and "no_such_module_here" in failures["nope"]
 
 
 # -- device arrays come home -----------------------------------------------------------------
