@@ -221,10 +221,13 @@ class RemoteShell:
         changed = {n for n in bound if n in after}
         changed |= {n for n in after if n not in before or id(after[n]) != before[n]}
         inplace: set[str] = set()
+        self._known = {}  # id -> content hash, for values hashed after this cell (one hash per object)
         for name in watch:  # changed in place: same object, other content
             if name in after and name not in changed and name in self.hashes:
                 try:
-                    if wire.fingerprint(after[name], self.ns) != self.hashes[name]:
+                    digest = wire.fingerprint(after[name], self.ns)
+                    self._known[id(after[name])] = digest
+                    if digest != self.hashes[name]:
                         inplace.add(name)
                 except Exception:
                     inplace.add(name)
@@ -244,7 +247,10 @@ class RemoteShell:
             if getattr(values[name], "__simulated__", False):
                 stays[name] = "the simulated cupy module exists only on the GPU host"
                 del modules[name]
-        hashes, failures = wire.fingerprints(plain, self.ns)
+        known = getattr(self, "_known", {})
+        hashes, failures = wire.fingerprints({n: v for n, v in plain.items() if id(v) not in known}, self.ns)
+        hashes.update({n: known[id(v)] for n, v in plain.items() if id(v) in known})
+        self._known = {}
         stays.update(failures)
         sendable = {n: v for n, v in plain.items() if n in hashes}
         try:
