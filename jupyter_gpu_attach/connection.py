@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import sys
 import threading
 
 from .config import GPUAttach
+from .errors import AuthError
 from .session import GPUSession
 
 _session: GPUSession | None = None
 _lock = threading.Lock()
+_registered = False
 
 
 def get_session(config: GPUAttach | None = None) -> GPUSession:
@@ -25,8 +28,8 @@ def get_session(config: GPUAttach | None = None) -> GPUSession:
             cfg = config or GPUAttach()
             if cfg.broker_url:
                 if not cfg.token:
-                    raise RuntimeError("GPU_ATTACH_BROKER_URL is set but GPU_ATTACH_TOKEN is not; set both, "
-                                       "or unset the URL to use the embedded broker")
+                    raise AuthError("GPU_ATTACH_BROKER_URL is set but GPU_ATTACH_TOKEN is not; set both, "
+                                    "or unset the URL to use the embedded broker")
                 _session = GPUSession(cfg.broker_url, cfg.token)
             else:
                 from .embedded import EmbeddedPool
@@ -38,6 +41,10 @@ def get_session(config: GPUAttach | None = None) -> GPUSession:
                 print(f"gpu-attach: embedded broker at {pool.url} with {len(pool.devices)}{sim} device(s)",
                       file=sys.stderr)
                 _session = GPUSession(pool.url, pool.token, embedded=pool)
+            global _registered
+            if not _registered:  # a kernel that shuts down or restarts ends its sandbox at once
+                atexit.register(close_session)
+                _registered = True
         return _session
 
 

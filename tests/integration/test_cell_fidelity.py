@@ -198,3 +198,41 @@ def test_stop_button_signal_to_the_process_group(tmp_path):
         assert k.value("after") == 3
     finally:
         k.stop()
+
+
+def test_output_flood_is_coalesced_and_counted(nb):
+    # About 20 MB in well under 10 s: far over what a notebook can take (2 MiB/s here).
+    reply = nb.ok("%%gpu\nfor i in range(20000):\n    print('line', i, 'x' * 1000)", timeout=120)
+    frames = [c for _, kind, c in reply["outputs"] if kind == "stream" and c["name"] == "stdout"]
+    assert len(frames) < 2000, f"{len(frames)} stream messages for one flood: not coalesced"
+    assert reply["stdout"].startswith("line 0 x")
+    assert len(reply["stdout"]) < 20_000 * 1000
+    assert "gpu-attach: dropped" in reply["stderr"] and "characters of output" in reply["stderr"]
+
+
+def test_a_new_token_takes_effect_without_detach(site):
+    env = dict(os.environ, GPU_ATTACH_BROKER_URL=site.url, GPU_ATTACH_TOKEN="wrong-token-0123456789abcdef")
+    k = Kernel(env)
+    try:
+        reply = k.run("%%gpu\nx = 1")
+        assert reply["ename"] == "AuthError" and len(reply["traceback"]) == 1
+        k.ok(f"import os; os.environ['GPU_ATTACH_TOKEN'] = {TOKENS['alice']!r}")
+        k.ok("%%gpu\nx = 2")
+        assert k.value("x") == 2
+    finally:
+        k.stop()
+
+
+def test_environment_mismatch_is_refused_before_the_cell_runs(nb):
+    # The kernel claims numpy 1.x: its pickles would not load on the GPU host's numpy 2.
+    nb.ok("import jupyter_gpu_attach.session as _s, jupyter_gpu_attach.connection as _c\n"
+          "_real_env = _s.environment\n_s.environment = lambda: dict(_real_env(), numpy='1.26.4')\n"
+          "_c.get_session()._env_checked = False")
+    try:
+        reply = nb.run("%%gpu\nran = True")
+        assert reply["ename"] == "EnvironmentMismatch"
+        assert "numpy==1.26.4" in reply["evalue"] or "numpy 1.26.4" in reply["evalue"]
+        assert nb.value("'ran' in globals()") is False
+    finally:
+        nb.ok("_s.environment = _real_env")
+    nb.ok("%%gpu\nran = True")

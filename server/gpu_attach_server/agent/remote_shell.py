@@ -24,6 +24,7 @@ from typing import Any, Callable, Protocol
 
 from IPython.core.displayhook import DisplayHook
 from IPython.core.displaypub import DisplayPublisher
+from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from traitlets.config import Config
 
@@ -51,6 +52,16 @@ def _jsonable(data: Any) -> Any:
     if isinstance(data, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(data)).decode("ascii")
     return data
+
+
+class SandboxZMQShell(InteractiveShell):
+    """The sandbox's shell. Libraries that shape their output for Jupyter frontends (pandas keeps
+    wide frames whole there, instead of fitting them to a terminal) look for "zmq" in the shell's
+    type, as they would see it in the notebook's kernel; the notebook is where this output goes."""
+
+    def enable_gui(self, gui=None):
+        if gui not in (None, "inline"):
+            raise UsageError(f"there is no {gui} event loop on the GPU host; use %matplotlib inline")
 
 
 class _ForwardingDisplayPublisher(DisplayPublisher):
@@ -132,7 +143,7 @@ class RemoteShell:
         config.HistoryManager.enabled = False  # no sqlite file in the sandbox's home
         _ForwardingDisplayPublisher.runner = self
         _ForwardingDisplayHook.runner = self
-        self.shell = InteractiveShell.instance(config=config, display_pub_class=_ForwardingDisplayPublisher,
+        self.shell = SandboxZMQShell.instance(config=config, display_pub_class=_ForwardingDisplayPublisher,
                                                displayhook_class=_ForwardingDisplayHook)
         self.shell._showtraceback = self._capture_traceback
         self.ns = self.shell.user_ns
@@ -231,6 +242,7 @@ class RemoteShell:
                         inplace.add(name)
                 except Exception:
                     inplace.add(name)
+        inplace |= _sharing_memory(inplace, after) - changed
         deleted = sorted(n for n in before if n not in after)
         for n in deleted:
             self.hashes.pop(n, None)
@@ -268,6 +280,24 @@ class RemoteShell:
             self.hashes.pop(name, None)
         header = {"values": sorted(sendable), "hashes": hashes, "modules": modules, "remote": stays}
         return header, buffers, stays
+
+
+def _sharing_memory(names: set[str], ns: dict[str, Any]) -> set[str]:
+    """Arrays that share memory with the arrays ``names`` (views of one base): a change made
+    through one name is a change to the others."""
+    np = sys.modules.get("numpy")
+    if np is None or not names:
+        return set()
+
+    def root(a):
+        while isinstance(getattr(a, "base", None), np.ndarray):
+            a = a.base
+        return a
+
+    roots = {id(root(ns[n])) for n in names if isinstance(ns.get(n), np.ndarray)}
+    if not roots:
+        return set()
+    return {n for n, v in ns.items() if isinstance(v, np.ndarray) and n not in names and id(root(v)) in roots}
 
 
 def _nbytes(value: Any) -> int:
