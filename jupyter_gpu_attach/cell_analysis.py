@@ -32,6 +32,9 @@ class CellNames:
     binds: frozenset[str]
     deletes: frozenset[str]
     python: str = field(default="", compare=False)  # the cell as Python, after IPython's transformation
+    #: Names the cell only reads without changing, each with the names its calls go through (a
+    #: call ``np.dot(a, b)`` leaves ``a`` alone if ``np`` is a module); see :func:`_pure_reads`.
+    pure: tuple = field(default=(), compare=False)
 
 
 def transform(source: str) -> str:
@@ -75,9 +78,94 @@ def analyse(source: str, filename: str = "<gpu-cell>") -> CellNames:
         for n in ast.walk(fn):
             if isinstance(n, ast.AugAssign):
                 reads.update(declared & _target_names([n.target]))
-    reads |= _magic_reads(tree)
+    magic = _magic_reads(tree)
+    reads |= magic
+    pure = tuple(sorted((n, frozenset(c)) for n, c in _pure_reads(tree).items() if n not in magic | binds | deletes))
     # `del x` needs x in the sandbox to delete it there.
-    return CellNames(frozenset(reads | deletes), frozenset(binds | deletes), frozenset(deletes), python)
+    return CellNames(frozenset(reads | deletes), frozenset(binds | deletes), frozenset(deletes), python, pure)
+
+
+#: Attributes and methods of an array that read it without changing it.
+_READING_ATTRS = frozenset({
+    "shape", "dtype", "size", "ndim", "nbytes", "itemsize", "T", "real", "imag", "flat", "strides", "base",
+    "sum", "mean", "std", "var", "min", "max", "argmin", "argmax", "any", "all", "copy", "astype", "reshape",
+    "ravel", "flatten", "tolist", "item", "nonzero", "cumsum", "cumprod", "prod", "round", "dot", "transpose",
+    "squeeze", "clip", "conj", "trace", "diagonal", "ptp", "view", "tobytes", "get", "compress", "take",
+    "repeat", "searchsorted", "argsort", "swapaxes", "__array__"})
+#: Module functions that write into an argument (besides any call with ``out=``).
+_WRITING_FUNCS = frozenset({"shuffle", "copyto", "put", "place", "putmask", "fill_diagonal", "put_along_axis",
+                            "setdiag", "seed", "at"})
+_READING_BUILTINS = frozenset({"print", "len", "repr", "str", "float", "int", "bool", "type", "isinstance",
+                               "abs", "round", "min", "max", "sum", "hash", "id", "format", "complex"})
+
+
+def _pure_reads(tree: ast.Module) -> dict[str, set[str]]:
+    """Names whose every use in the cell only reads them, each with the names its calls go through.
+
+    Used to skip re-hashing a large input after the cell to see whether it changed in place: only
+    for arrays, and the sandbox still checks whether the cell bound a view of one. Conservative:
+    any use not in a known reading position (a method not known to read, a call through anything
+    but a module, iteration, a container, a nested function) makes the name one to check."""
+    parents: dict[int, ast.AST] = {}
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            parents[id(child)] = node
+    nested: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            nested.update(id(n) for n in ast.walk(node) if n is not node)
+    verdict: dict[str, set[str] | None] = {}
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)):
+            continue
+        roots = None if id(node) in nested else _reading_use(node, parents)
+        if roots is None or verdict.get(node.id, set()) is None:
+            verdict[node.id] = None
+        else:
+            verdict.setdefault(node.id, set()).update(roots)
+    return {n: r for n, r in verdict.items() if r is not None}
+
+
+def _reading_use(name: ast.Name, parents: dict[int, ast.AST]) -> set[str] | None:
+    node: ast.AST = name
+    while True:  # up through a.x, a[i], a.sum() ...
+        p = parents.get(id(node))
+        if isinstance(p, ast.Subscript) and p.value is node and isinstance(p.ctx, ast.Load):
+            node = p
+        elif isinstance(p, ast.Attribute) and p.value is node and isinstance(p.ctx, ast.Load) \
+                and p.attr in _READING_ATTRS:
+            call = parents.get(id(p))
+            if isinstance(call, ast.Call) and call.func is p:
+                if any(k.arg == "out" for k in call.keywords):
+                    return None
+                node = call
+            else:
+                node = p
+        else:
+            break
+    p = parents.get(id(node))
+    if isinstance(p, ast.Subscript) and p.slice is node:
+        return set()
+    if isinstance(p, (ast.BinOp, ast.UnaryOp, ast.Compare, ast.BoolOp, ast.FormattedValue, ast.Expr)):
+        return set()
+    if isinstance(p, (ast.Assign, ast.AnnAssign)) and p.value is node:
+        return set()
+    if isinstance(p, ast.keyword):
+        p = parents.get(id(p))
+    if isinstance(p, ast.Call) and p.func is not node:
+        if any(k.arg == "out" for k in p.keywords):
+            return None
+        if isinstance(p.func, ast.Name) and p.func.id in _READING_BUILTINS:
+            return {p.func.id}  # a builtin, unless the notebook shadows it
+        chain = p.func
+        if isinstance(chain, ast.Attribute) and chain.attr in _WRITING_FUNCS:
+            return None
+        while isinstance(chain, ast.Attribute):
+            chain = chain.value
+        if isinstance(chain, ast.Name) and chain is not p.func:
+            return {chain.id}  # np.dot(a): reads a if np is a module
+        return None
+    return None
 
 
 def _magic_reads(tree: ast.Module) -> set[str]:
@@ -149,6 +237,17 @@ def _nested(table: symtable.SymbolTable, reads: set[str], binds: set[str]) -> No
             if sym.is_declared_global() and sym.is_assigned():
                 binds.add(sym.get_name())
         _nested(child, reads, binds)
+
+
+def pure_names(names: CellNames, namespace: Mapping[str, Any]) -> set[str]:
+    """The cell's read-only uses that hold for this namespace: the calls they go through are to
+    modules (``np.dot``) or to builtins the notebook does not shadow."""
+    out = set()
+    for name, through in names.pure:
+        if all(isinstance(namespace.get(r), types.ModuleType) if r in namespace else r in _READING_BUILTINS
+               for r in through):
+            out.add(name)
+    return out
 
 
 def globals_used(names: set[str], namespace: Mapping[str, Any]) -> set[str]:

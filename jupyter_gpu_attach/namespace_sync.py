@@ -8,11 +8,12 @@ stay in the sandbox; the session knows which, and says so when they are lost. No
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, MutableMapping
 
 from . import wire
-from .cell_analysis import CellNames, globals_used, is_shippable_name
+from .cell_analysis import CellNames, globals_used, is_shippable_name, pure_names
 from .errors import InputError
 
 
@@ -24,6 +25,11 @@ class CellInputs:
     values: dict[str, Any]
     hashes: dict[str, str]
     failures: dict[str, str] = field(default_factory=dict)
+
+
+def _plain_array(value: Any) -> bool:
+    np = sys.modules.get("numpy")
+    return np is not None and type(value) is np.ndarray and not value.dtype.hasobject
 
 
 class RemoteNamespace:
@@ -62,9 +68,12 @@ class RemoteNamespace:
         cached = {n: hashes[n] for n in hashes if n not in send}
         absent = sorted(n for n in reads if n not in namespace and n not in self.remote_only)
         expect = sorted(n for n in reads if n not in namespace and n in self.remote_only)
+        # Arrays the cell only reads need no hashing afterwards to see if they changed in place
+        # (unless the cell made a view of one: the sandbox checks for that).
+        pure = {n for n in pure_names(names, namespace) & set(hashes) if _plain_array(plain[n])}
         header = {"modules": modules, "hashes": {n: hashes[n] for n in send}, "cached": cached,
                   "absent": absent, "expect": expect, "bound": sorted(names.binds),
-                  "watch": sorted(set(hashes) | set(expect))}
+                  "watch": sorted((set(hashes) - pure) | set(expect)), "pure": sorted(pure)}
         return CellInputs(header, {n: plain[n] for n in sorted(send)}, hashes, failures)
 
     def sent(self, inputs: CellInputs) -> None:

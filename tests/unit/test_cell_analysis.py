@@ -280,3 +280,37 @@ def test_ipython_and_dunder_names_are_not_shipped(name):
 )
 def test_ordinary_names_are_shipped(name):
     assert is_shippable_name(name) is True
+
+
+# -- read-only uses (inputs that need no re-hashing after the cell) -----------------------------
+
+import numpy as _np  # noqa: E402
+
+from jupyter_gpu_attach.cell_analysis import pure_names  # noqa: E402
+
+_NS = {"np": _np, "a": _np.zeros(3), "b": _np.ones(3), "f": print}
+
+
+@pytest.mark.parametrize("source, pure", [
+    ("first = a[0]", {"a"}),
+    ("s = float(a.sum())", {"a"}),
+    ("y = np.dot(a, b)", {"a", "b", "np"}),
+    ("print(a.shape, len(b))", {"a", "b"}),
+    ("x = a.T", {"a"}),  # a view: the sandbox checks views of it after the cell
+    ("a[0] = 1", set()),
+    ("a.sort()", set()),
+    ("a += 1", set()),
+    ("for r in a:\n    r[0] = 1", set()),
+    ("c = (a, b)", set()),
+    ("np.copyto(a, b)", set()),
+    ("np.add(a, b, out=a)", set()),
+    ("f(a)", set()),  # through a notebook function: it may change its argument
+    ("def g():\n    a[0] = 1\nb.mean()", {"b"}),
+    ("%timeit a.sum()", set()),
+])
+def test_pure_reads(source, pure):
+    assert pure_names(analyse(source), _NS) & {"a", "b", "np"} == pure
+
+
+def test_a_shadowed_builtin_is_not_pure():
+    assert pure_names(analyse("n = len(a)"), dict(_NS, len=lambda x: x.fill(0))) == set()

@@ -59,6 +59,11 @@ class SandboxZMQShell(InteractiveShell):
     wide frames whole there, instead of fitting them to a terminal) look for "zmq" in the shell's
     type, as they would see it in the notebook's kernel; the notebook is where this output goes."""
 
+    #: pandas tells a notebook kernel from a terminal by this attribute (at import): a wide frame
+    #: is wrapped, as in the notebook, rather than cut to a terminal's width. There is no kernel
+    #: object here: widgets and comms do not travel (their text fallback does).
+    kernel = None
+
     def enable_gui(self, gui=None):
         if gui not in (None, "inline"):
             raise UsageError(f"there is no {gui} event loop on the GPU host; use %matplotlib inline")
@@ -220,7 +225,7 @@ class RemoteShell:
         """Names the notebook expects to stay here that this sandbox does not hold."""
         return [n for n in expected if isinstance(n, str) and n not in self.ns]
 
-    def run(self, source: str, execution_count: int, bound: list[str], watch: list[str]):
+    def run(self, source: str, execution_count: int, bound: list[str], watch: list[str], pure: list[str] = ()):
         """Run the cell; returns ``(error, stb, changed, inplace, deleted)``."""
         shell = self.shell
         before = {n: id(v) for n, v in self.ns.items() if is_shippable_name(n)}
@@ -231,6 +236,8 @@ class RemoteShell:
         after = {n: v for n, v in self.ns.items() if is_shippable_name(n)}
         changed = {n for n in bound if n in after}
         changed |= {n for n in after if n not in before or id(after[n]) != before[n]}
+        # A name the notebook found only read is still checked if the cell made a view of it.
+        watch = list(watch) + sorted(_sharing_memory(changed, after) & set(pure))
         inplace: set[str] = set()
         self._known = {}  # id -> content hash, for values hashed after this cell (one hash per object)
         for name in watch:  # changed in place: same object, other content

@@ -372,7 +372,8 @@ class Sandbox:
         self._in_user_code = True
         try:
             error, stb, changed, inplace, deleted = self.shell.run(source, int(h.get("count") or self.cells_run),
-                                                          list(h.get("bound") or []), list(h.get("watch") or []))
+                                                          list(h.get("bound") or []), list(h.get("watch") or []),
+                                                          list(h.get("pure") or []))
         except KeyboardInterrupt as e:  # it landed in IPython's own code, around the cell's
             error, stb, changed, inplace, deleted = e, None, [], [], []
         finally:
