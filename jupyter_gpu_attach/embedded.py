@@ -35,8 +35,9 @@ class EmbeddedPool:
         with open(self.log_path, "ab") as log:
             # Its own session: the stop button signals the kernel's whole process group (JupyterLab
             # does), and must interrupt the cell, not kill the pool every later cell needs.
+            env = dict(os.environ, GPU_ATTACH_UP_LOG=str(self.log_path)) if self._own_log else None
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
-                                         start_new_session=True)
+                                         start_new_session=True, env=env)
         try:
             info = wait_ready(self.proc, "the embedded broker and agent", timeout)
         except NotReady as e:

@@ -320,6 +320,9 @@ def run_up(args) -> int:
     except KeyboardInterrupt:
         pass
     pool.stop()
+    owned_log = os.environ.get("GPU_ATTACH_UP_LOG")  # the kernel that started us may be gone
+    if owned_log:
+        Path(owned_log).unlink(missing_ok=True)
     return 0
 
 

@@ -124,6 +124,18 @@ def test_input_prompts_in_the_notebook(nb):
     assert replies == ["your answer? "]
     assert nb.value("answer") == "forty-two"
 
+    def password_hook(msg):
+        replies.append((msg["content"]["prompt"], msg["content"]["password"]))
+        nb.kc.input("s3cret")
+
+    reply = nb.kc.execute_interactive("%%gpu\nimport getpass\npw = getpass.getpass('pw? ')", allow_stdin=True,
+                                      stdin_hook=password_hook, timeout=60)
+    assert reply["content"]["status"] == "ok" and replies[-1] == ("pw? ", True)
+    assert nb.value("pw") == "s3cret"
+    # A frontend that cannot answer (nbclient, say) gets the same error as for a local cell.
+    reply = nb.kc.execute_interactive("%%gpu\nnope = input('?')", allow_stdin=False, timeout=60)
+    assert reply["content"]["ename"] == "StdinNotImplementedError"
+
 
 def test_options_help_and_errors(nb):
     assert "--memory SIZE" in nb.ok("%%gpu -h\nx = 1")["stdout"]

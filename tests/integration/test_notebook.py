@@ -76,3 +76,26 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ")[1][0] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+def test_a_killed_kernel_leaves_no_log_file(tmp_path):
+    """Each embedded pool logs to a temporary file; it goes with the pool, also when the kernel
+    is killed and cannot clean up after itself."""
+    import time
+
+    from conftest import Kernel
+
+    env = dict(_clean_env(), TMPDIR=str(tmp_path))
+    k = Kernel(env)
+    try:
+        k.ok("%%gpu\nv = 1", timeout=120)
+        log = k.value("str(__import__('jupyter_gpu_attach').get_session().embedded.log_path)")
+        assert log.startswith(str(tmp_path)) and os.path.exists(log)
+    finally:
+        k.km.shutdown_kernel(now=True)
+        k.kc.stop_channels()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and os.path.exists(log):
+        time.sleep(0.2)
+    assert not os.path.exists(log)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("gpu-attach")], os.listdir(tmp_path)
