@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -142,7 +143,8 @@ def run_notebook(path: Path, transform: str = "plain", cell_timeout: float = 120
             run_nb, timeout=cell_timeout, kernel_name="python3", allow_errors=True, coalesce_streams=True,
             resources={"metadata": {"path": str(workdir)}}, record_timing=False)
         started = time.monotonic()
-        client.execute(env=kernel_env)  # extra keywords go to the kernel manager's start_kernel
+        # Extra keywords go to the kernel's Popen: its own stderr (transport warnings) is not cell output.
+        client.execute(env=kernel_env, stderr=subprocess.DEVNULL)
         seconds = time.monotonic() - started
         outputs = [[_plain_output(o) for o in c.outputs] for c in run_nb.cells[first:first + len(counted)]]
         namespace = _namespace(run_nb.cells[-1].outputs)
@@ -284,6 +286,7 @@ class NotebookReport:
     namespace_missing: dict[str, str] = field(default_factory=dict)
     namespace_extra: dict[str, str] = field(default_factory=dict)
     namespace_type: dict[str, tuple[str, str]] = field(default_factory=dict)
+    namespace_remote: dict[str, str] = field(default_factory=dict)
     namespace_names: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -315,10 +318,27 @@ def compare(path: Path, reference: Run, control: Run, candidate: Run) -> Noteboo
         report.differing.append(CellDiff(i, source, classify(ref, got, candidate.outputs[i]), short_diff(ref, got), nondet))
     ref_ns, got_ns = reference.namespace, candidate.namespace
     report.namespace_names = len(ref_ns)
-    report.namespace_missing = {k: v for k, v in ref_ns.items() if k not in got_ns}
+    # A name that cannot travel (a generator, an open file) stays in the session's sandbox by
+    # design; when gpu-attach said so, its absence from the kernel is not a difference.
+    announced = stays_remote(candidate.outputs)
+    report.namespace_remote = {k: v for k, v in ref_ns.items() if k not in got_ns and k in announced}
+    report.namespace_missing = {k: v for k, v in ref_ns.items() if k not in got_ns and k not in announced}
     report.namespace_extra = {k: v for k, v in got_ns.items() if k not in ref_ns}
     report.namespace_type = {k: (v, got_ns[k]) for k, v in ref_ns.items() if k in got_ns and not _type_ok(v, got_ns[k])}
     return report
+
+
+_STAYS = re.compile(r"^gpu-attach:.*?'([A-Za-z_][A-Za-z0-9_]*)'.*\b(?:stays|remains|kept)\b", re.M)
+
+
+def stays_remote(outputs: list[list[dict]]) -> set[str]:
+    """Names gpu-attach announced (on stderr) as staying on the GPU host."""
+    names = set()
+    for cell in outputs:
+        for o in cell:
+            if o.get("output_type") == "stream" and o.get("name") == "stderr":
+                names.update(_STAYS.findall(o.get("text", "")))
+    return names
 
 
 def classify(ref: dict, got: dict, raw: list[dict]) -> str:
@@ -435,6 +455,9 @@ class Summary:
                 if r.namespace_missing or r.namespace_type:
                     out.append(f"\n--- {r.notebook} namespace: missing {sorted(r.namespace_missing)}; "
                                f"other type {r.namespace_type}")
+                if r.namespace_remote:
+                    out.append(f"\n--- {r.notebook} namespace: staying remote, as announced (not counted as "
+                               f"differences): {sorted(r.namespace_remote)}")
         return "\n".join(out)
 
 

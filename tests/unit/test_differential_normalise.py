@@ -66,3 +66,12 @@ def test_images_compare_by_presence_and_size_and_html_by_text():
 def test_the_gpu_transform_puts_gpu_before_a_cell_magic():
     assert under_gpu("%%timeit\nx = 1") == "%%gpu\n%%timeit\nx = 1"
     assert under_gpu("w") == "%%gpu\nw"
+
+
+def test_names_announced_as_staying_remote_are_found():
+    from differential import stays_remote
+
+    outputs = [[{"output_type": "stream", "name": "stderr",
+                 "text": "gpu-attach: 'gen' stays on the GPU host: cannot pickle 'generator' object\n"}],
+               [{"output_type": "stream", "name": "stdout", "text": "gpu-attach: 'fake' stays on the GPU host\n"}]]
+    assert stays_remote(outputs) == {"gen"}, "only gpu-attach's own stderr notices count"
