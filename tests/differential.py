@@ -113,6 +113,7 @@ class Run:
     namespace: dict[str, str]
     workdir: str
     seconds: float
+    aborted: str | None = None  # why the run stopped early (the kernel died), if it did
 
 
 def run_notebook(path: Path, transform: str = "plain", cell_timeout: float = 120, env: dict | None = None) -> Run:
@@ -139,28 +140,48 @@ def run_notebook(path: Path, transform: str = "plain", cell_timeout: float = 120
         kernel_env = {k: v for k, v in (env or os.environ).items() if k not in ("GPU_ATTACH_BROKER_URL", "GPU_ATTACH_TOKEN")}
         # Same hash seed in every run: set ordering in printed output is then not a difference.
         kernel_env.update(GPU_ATTACH_STATE_DIR=str(state), PYTHONHASHSEED="0")
+        # A cell past its timeout is interrupted and recorded as an error ("CellTimeout"), and the
+        # run goes on: one hung cell must not hide the rest of the notebook.
         client = nbclient.NotebookClient(
             run_nb, timeout=cell_timeout, kernel_name="python3", allow_errors=True, coalesce_streams=True,
+            interrupt_on_timeout=True, error_on_timeout={"ename": "CellTimeout", "evalue": f"over {cell_timeout:g} s",
+                                                         "traceback": []},
             resources={"metadata": {"path": str(workdir)}}, record_timing=False)
         started = time.monotonic()
-        # Extra keywords go to the kernel's Popen: its own stderr (transport warnings) is not cell output.
-        client.execute(env=kernel_env, stderr=subprocess.DEVNULL)
+        aborted = None
+        try:
+            # Extra keywords go to the kernel's Popen: its own stderr (transport warnings) is not cell output.
+            client.execute(env=kernel_env, stderr=subprocess.DEVNULL)
+        except Exception as e:  # the kernel died: the cells it did not run count as failed
+            aborted = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         seconds = time.monotonic() - started
-        outputs = [[_plain_output(o) for o in c.outputs] for c in run_nb.cells[first:first + len(counted)]]
-        namespace = _namespace(run_nb.cells[-1].outputs)
-        return Run(outputs, namespace, str(workdir), seconds)
+        outputs = []
+        died = {"output_type": "error", "ename": "KernelDied", "evalue": aborted, "traceback": []}
+        for c in run_nb.cells[first:first + len(counted)]:
+            if aborted and c.get("execution_count") is None:  # never ran
+                if outputs and not any(o["output_type"] == "error" for o in outputs[-1]):
+                    outputs[-1].append(died)  # the cell the kernel died in
+                outputs.append([died])
+            else:
+                outputs.append([_plain_output(o) for o in c.outputs])
+        namespace = _namespace(run_nb.cells[-1].outputs, required=transform == "plain" and not aborted)
+        if aborted and transform == "plain":
+            raise RuntimeError(f"the plain run of {path.name} stopped: {aborted}")
+        return Run(outputs, namespace, str(workdir), seconds, aborted)
 
 
 def _plain_output(o) -> dict:
     return json.loads(json.dumps(o))
 
 
-def _namespace(outputs) -> dict[str, str]:
+def _namespace(outputs, required: bool = True) -> dict[str, str]:
     for o in outputs:
         if o.get("output_type") == "stream":
             for line in o.get("text", "").splitlines():
                 if line.startswith(_NAMESPACE_MARK):
                     return json.loads(line[len(_NAMESPACE_MARK):])
+    if not required:  # the compared run's kernel is broken: every name counts as missing
+        return {}
     errors = [f"{o.get('ename')}: {o.get('evalue')}" for o in outputs if o.get("output_type") == "error"]
     raise RuntimeError(f"the namespace dump printed nothing ({errors or outputs})")
 
