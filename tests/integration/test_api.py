@@ -30,7 +30,12 @@ SCRIPT = textwrap.dedent('''
     def double(a):
         return a * 2
 
+    @gpa.remote
+    def remote_pid():
+        return os.getpid()
+
     out = {"pid": os.getpid()}
+    out["bare_remote_pid"] = remote_pid()
     with gpa.lease(memory="1GiB") as g:
         r = g.run(where, np.arange(4.0), scale=0.5)
         out["remote_pid"], out["sum"] = r["pid"], r["sum"]
@@ -71,6 +76,7 @@ def test_lease_and_remote_run_functions_on_a_leased_slice(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout.split("RESULT=")[1])
     assert out["remote_pid"] != out["pid"], "the function ran in this process, not on the GPU host"
+    assert out["bare_remote_pid"] != out["pid"], "@remote without options runs remotely too"
     assert out["sum"] == 3.0
     assert out["arr_type"] == "numpy.ndarray" and out["arr"] == [0.0, 2.0, 4.0, 6.0], "GPU arrays come back as NumPy"
     assert "printed remotely" in r.stdout, "the function's output streams into the script's"
