@@ -191,7 +191,7 @@ def _namespace(outputs, required: bool = True) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 _HEX = re.compile(r"0x[0-9a-fA-F]{4,}")
-_NUMBER = r"[0-9][0-9,]*(?:\.[0-9]+)?"
+_NUMBER = r"[0-9][0-9,]*(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?"  # IPython may write "1e+03 ns"
 _UNIT = r"(?:ns|\u00b5s|\u03bcs|us|ms|s|min|h)"  # IPython writes micro as U+03BC or U+00B5
 # %timeit: "1.23 ms ± 45.6 µs per loop (mean ± std. dev. of 7 runs, 1,000 loops each)"
 _TIMEIT = re.compile(rf"{_NUMBER} ?{_UNIT} ± {_NUMBER} ?{_UNIT} per loop \(mean ± std\. dev\. of {_NUMBER} runs?, {_NUMBER} loops? each\)")

@@ -24,7 +24,8 @@ PNG_640x480 = _png(640, 480)
 def test_timings_addresses_and_the_run_folder_are_masked():
     a = normalise_text("251 \u03bcs \u00b1 36.8 \u03bcs per loop (mean \u00b1 std. dev. of 7 runs, 10,000 loops each)\n")
     b = normalise_text("1.41 ms \u00b1 13.6 \u00b5s per loop (mean \u00b1 std. dev. of 7 runs, 1 loop each)\n")
-    assert a == b == "<TIMEIT>\n"
+    c = normalise_text("18.9 \u03bcs \u00b1 1e+03 ns per loop (mean \u00b1 std. dev. of 2 runs, 10 loops each)\n")
+    assert a == b == c == "<TIMEIT>\n"
     assert normalise_text("The slowest run took 5.12 times longer than the fastest. This could mean that an "
                           "intermediate result is being cached.\n3 ns per loop\n") == "<TIMEIT>\n"
     assert normalise_text("CPU times: user 1.2 ms, sys: 0 ns, total: 1.2 ms\nWall time: 2.3 ms") == \
