@@ -64,8 +64,9 @@ class Lease:
             raise TypeError(f"run() needs a function to call, got {type(fn).__name__}")
         namespace: dict[str, Any] = {"__gpa_fn": fn, "__gpa_args": args, "__gpa_kw": kwargs}
         label = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}()"
-        self.last = self.session.run(_CALL_SOURCE, namespace, None if self.request.is_default else self.request,
-                                     self.timeout, label=label)
+        # A request with only a pool still counts: it must not fall back to the session's default.
+        request = None if self.request.is_default and self.request.pool is None else self.request
+        self.last = self.session.run(_CALL_SOURCE, namespace, request, self.timeout, label=label)
         if "__gpa_result" not in namespace:
             why = self.last.not_returned.get("__gpa_result", "it could not be serialised")
             raise TypeError(f"{label} ran on the GPU, but its result cannot come back: {why}. "

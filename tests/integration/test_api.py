@@ -56,6 +56,10 @@ SCRIPT = textwrap.dedent('''
     out["double_fraction"] = double.lease.last.lease["fraction"]
     out["used_after"] = sum(gpu["used_memory"] for gpu in gpa.get_session().pool()["gpus"])
     try:
+        gpa.lease(pool="no-such-pool").run(double.local, 1)
+    except gpa.NoCapacity as e:
+        out["pool"] = str(e)
+    try:
         gpa.lease(memory="lots")
     except ValueError as e:
         out["bad_option"] = str(e)
@@ -88,6 +92,7 @@ def test_lease_and_remote_run_functions_on_a_leased_slice(tmp_path):
     assert out["double_fraction"] == 0.5, "@remote's options reach the lease"
     assert out["used_after"] == 0, "no slice is held between calls or after the block"
     assert "not a size: 'lots'" in out["bad_option"]
+    assert "no-such-pool" in out.get("pool", ""), "a pool without a size is still asked for"
     assert "Traceback" not in r.stderr, r.stderr
 
 
