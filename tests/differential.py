@@ -18,7 +18,7 @@ broker (no ``GPU_ATTACH_BROKER_URL``; simulated devices on a machine without a G
 
 From the repository root::
 
-    python -m tests.differential tests/notebooks/*.ipynb [--json report.json] [--transform wrong]
+    python -m tests.differential tests/notebooks/*.ipynb [--json report.json] [--transform wrong] [--cache DIR]
 
 prints the identical share (identical cells / code cells), per notebook, and every differing cell
 with a short diff and a classification.
@@ -422,12 +422,47 @@ def short_diff(ref: dict, got: dict, limit: int = 12) -> str:
     return "\n".join(diff)
 
 
-def run_differential(path: Path, transform: str = "gpu", cell_timeout: float = 120) -> NotebookReport:
-    """The whole measurement for one notebook: plain, plain again, then ``transform``."""
-    reference = run_notebook(path, "plain", cell_timeout)
-    control = run_notebook(path, "plain", cell_timeout)
+def run_differential(path: Path, transform: str = "gpu", cell_timeout: float = 120,
+                     cache: Path | None = None) -> NotebookReport:
+    """The whole measurement for one notebook: plain, plain again, then ``transform``.
+
+    With ``cache``, the two plain runs are kept there, keyed by the notebook's bytes, its folder's
+    files and the versions that shape output, so iterating on ``%%gpu`` reruns only the third."""
+    plain = _cached_plain(Path(path), cell_timeout, cache) if cache else None
+    if plain is None:
+        plain = (run_notebook(path, "plain", cell_timeout), run_notebook(path, "plain", cell_timeout))
+        if cache:
+            _store_plain(Path(path), cache, plain)
     candidate = run_notebook(path, transform, cell_timeout)
-    return compare(path, reference, control, candidate)
+    return compare(path, plain[0], plain[1], candidate)
+
+
+def _plain_key(path: Path) -> str:
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    h = hashlib.sha256(sys.version.encode())
+    for dist in ("ipython", "ipykernel", "numpy", "pandas", "matplotlib", "scipy"):
+        try:
+            h.update(f"{dist}={version(dist)};".encode())
+        except PackageNotFoundError:
+            pass
+    for f in sorted(p for p in path.parent.rglob("*") if p.is_file() and (p == path or p.suffix != ".ipynb")):
+        h.update(str(f.relative_to(path.parent)).encode() + f.read_bytes())
+    return f"{path.stem}-{h.hexdigest()[:16]}.json"
+
+
+def _cached_plain(path: Path, cell_timeout: float, cache: Path) -> tuple[Run, Run] | None:
+    f = cache / _plain_key(path)
+    if not f.exists():
+        return None
+    data = json.loads(f.read_text())
+    return Run(**data["reference"]), Run(**data["control"])
+
+
+def _store_plain(path: Path, cache: Path, plain: tuple[Run, Run]) -> None:
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / _plain_key(path)).write_text(json.dumps({"reference": asdict(plain[0]), "control": asdict(plain[1])}))
 
 
 @dataclass
@@ -482,8 +517,8 @@ class Summary:
         return "\n".join(out)
 
 
-def run_all(paths: list[Path], transform: str = "gpu", cell_timeout: float = 120) -> Summary:
-    return Summary([run_differential(Path(p), transform, cell_timeout) for p in paths])
+def run_all(paths: list[Path], transform: str = "gpu", cell_timeout: float = 120, cache: Path | None = None) -> Summary:
+    return Summary([run_differential(Path(p), transform, cell_timeout, cache) for p in paths])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -493,11 +528,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="what the compared run does to each cell (plain: check the yardstick; wrong: a broken one)")
     parser.add_argument("--cell-timeout", type=float, default=120)
     parser.add_argument("--json", type=Path, help="also write the full report here")
+    parser.add_argument("--cache", type=Path, help="keep the plain runs in this folder and reuse them while the "
+                        "notebook, its data and the library versions are unchanged")
     parser.add_argument("--quiet", action="store_true", help="only the table, not every differing cell")
     args = parser.parse_args(argv)
     paths = args.notebooks or sorted(NOTEBOOKS.rglob("*.ipynb"))
     started = time.monotonic()
-    summary = run_all(paths, args.transform, args.cell_timeout)
+    summary = run_all(paths, args.transform, args.cell_timeout, args.cache)
     print(summary.format(cells=not args.quiet))
     print(f"\n{summary.identical}/{summary.code_cells} code cells identical ({summary.share:.1%}) "
           f"with --transform {args.transform}, in {time.monotonic() - started:.0f} s")

@@ -78,3 +78,28 @@ def test_a_hung_cell_and_a_dead_kernel_are_reported_not_fatal(tmp_path):
     errors = [[o.get("ename") for o in outs if o["output_type"] == "error"] for outs in run.outputs]
     assert errors == [[], ["KeyboardInterrupt"], [], ["KernelDied"], ["KernelDied"]], errors
     assert run.aborted and run.namespace == {}
+
+
+@pytest.mark.timeout(120)
+def test_cached_plain_runs_are_reused_until_the_notebook_or_its_data_change(tmp_path, monkeypatch):
+    import nbformat
+
+    import differential
+
+    folder = tmp_path / "nb"
+    folder.mkdir()
+    (folder / "x.csv").write_text("a\n1\n")
+    path = folder / "small.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(open('x.csv').read())")]), path)
+    runs = []
+    real = differential.run_notebook
+    monkeypatch.setattr(differential, "run_notebook", lambda p, t, *a: runs.append(t) or real(p, t, *a))
+    cache = tmp_path / "cache"
+    first = differential.run_differential(path, "plain", cache=cache)
+    second = differential.run_differential(path, "plain", cache=cache)
+    assert runs == ["plain", "plain", "plain", "plain"], runs  # the second time: the candidate only
+    assert first.share == second.share == 1.0
+    (folder / "x.csv").write_text("a\n2\n")  # the data changed: the plain runs are stale
+    changed = differential.run_differential(path, "plain", cache=cache)
+    assert runs[4:] == ["plain", "plain", "plain"], runs
+    assert changed.share == 1.0
