@@ -4,6 +4,7 @@
 streams its output, brings back what it assigned and releases the slice as the cell ends.
 """
 
+from .api import Lease, lease, remote
 from .connection import close_session, get_session
 from .errors import (
     AgentLost,
@@ -39,4 +40,5 @@ __all__ = [
     "AgentLost", "AuthError", "BrokerUnreachable", "CellRejected", "CellResult", "CellTimeout", "GPUAttachError",
     "GPUSession", "InputError", "LeaseLost", "NoCapacity", "RemoteCellError", "SliceRequest", "close_session",
     "get_session", "load_ipython_extension", "unload_ipython_extension",
+    "Lease", "lease", "remote",
 ]

@@ -115,6 +115,28 @@ def _load_tokens(args) -> dict:
     return tokens
 
 
+def _token_problem(tokens: dict, args) -> str | None:
+    """The first token too short to use, named by where it came from (a variable or the tokens file)."""
+    from .broker.auth import MIN_TOKEN_LENGTH, parse_user_tokens
+
+    source = f"--tokens-file {args.tokens_file}" if getattr(args, "tokens_file", None) else None
+    single = {"admin": "GPU_ATTACH_ADMIN_TOKEN", "agent": "GPU_ATTACH_AGENT_TOKEN"}
+    lists = {"users": "GPU_ATTACH_USER_TOKENS", "agents": "GPU_ATTACH_AGENT_TOKENS"}
+    found = []
+    for key, var in single.items():
+        if tokens[key]:
+            found.append((var if os.environ.get(var) else source, key, tokens[key]))
+    for key, var in lists.items():
+        from_env = parse_user_tokens(os.environ.get(var, ""))
+        for name, token in tokens[key].items():
+            found.append((f"{var} (entry {name!r})" if name in from_env else f"{source} ({key}: {name!r})", name, token))
+    for where, _, token in found:
+        if len(token) < MIN_TOKEN_LENGTH:
+            return (f"the token in {where} is {len(token)} characters; tokens must be at least {MIN_TOKEN_LENGTH} "
+                    "random characters (make one with: python -c \"import secrets; print(secrets.token_urlsafe(24))\")")
+    return None
+
+
 def run_broker(args) -> int:
     import uvicorn
 
@@ -126,7 +148,14 @@ def run_broker(args) -> int:
 
     state = Path(args.state_dir).expanduser()
     state.mkdir(parents=True, exist_ok=True)
-    tokens = _load_tokens(args)
+    try:
+        tokens = _load_tokens(args)
+        problem = _token_problem(tokens, args)
+    except ValueError as e:  # a malformed NAME:TOKEN list
+        problem = str(e)
+    if problem:
+        print(f"gpu-attach broker: {problem}", file=sys.stderr)
+        return 2
     if not tokens["agent"] and not tokens["agents"]:
         print("gpu-attach broker: set GPU_ATTACH_AGENT_TOKENS=\"host1:TOKEN,host2:TOKEN\" (one token per agent, "
               "bound to its --name) or GPU_ATTACH_AGENT_TOKEN (one token any agent may use)", file=sys.stderr)
@@ -180,23 +209,19 @@ def run_agent(args) -> int:
               file=sys.stderr)
         return 2
     devices, why = discover(args.simulate, parse_size(args.memory), args.pool)
-    log.info("agent inventory: %s", why)
+    if not args.simulate and all(d.simulated for d in devices):
+        # Said at the default level: a GPU host that silently serves a CPU stand-in is a broken GPU host.
+        print(f"gpu-attach agent: {why}", file=sys.stderr, flush=True)
+    else:
+        log.info("agent inventory: %s", why)
     settings = AgentSettings(
         broker_url=args.broker.rstrip("/"), agent_token=token, agent_id=args.name or new_agent_id(),
         host=args.host, port=args.port, advertise_host=args.advertise_host,
         max_payload=parse_size(args.max_payload), sandbox_idle_s=args.sandbox_idle,
         sandbox_user=args.sandbox_user, spare_sandboxes=args.spare_sandboxes)
     agent = Agent(settings, devices)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            agent.register()
-            break
-        except Exception as e:  # the broker may still be starting, or our previous run not yet timed out
-            if time.monotonic() > deadline:
-                print(f"gpu-attach agent: cannot register with {settings.broker_url}: {e}", file=sys.stderr)
-                return 1
-            time.sleep(0.1)
+    if not _register(agent, settings, REGISTER_PATIENCE_S):
+        return 2
 
     def stop(*_):
         agent.stop()
@@ -212,6 +237,68 @@ def run_agent(args) -> int:
     except KeyboardInterrupt:
         agent.stop()
     return 0
+
+
+#: How long an agent keeps trying to register while the broker may be starting, or while its own
+#: previous run has not yet timed out at the broker.
+REGISTER_PATIENCE_S = 60.0
+
+
+def _register(agent, settings, patience: float) -> bool:
+    """Register with the broker. A refusal that waiting cannot fix (a wrong token) ends the agent at
+    once; one that waiting may fix (broker not up yet, the name still held by this agent's previous
+    run) is said at once, in one line, and retried quietly for ``patience`` seconds."""
+    import requests
+
+    url = settings.broker_url
+    deadline = time.monotonic() + patience
+    told = set()
+    while True:
+        try:
+            agent.register()
+            return True
+        except requests.ConnectionError:
+            kind, line = "unreachable", (
+                f"cannot reach the broker at {url}: check --broker (or GPU_ATTACH_BROKER_URL) and that "
+                f"`gpu-attach broker` is running there; retrying for {patience:.0f} s")
+        except Exception as e:
+            # Agent.register reports the broker's answer as "(STATUS): BODY".
+            status, detail = _refusal(str(e))
+            if status == 401:
+                print(f"gpu-attach agent: the broker at {url} does not know this agent's token: set "
+                      "GPU_ATTACH_AGENT_TOKEN (or --agent-token-file) to the broker's GPU_ATTACH_AGENT_TOKEN, "
+                      "or to this agent's entry in the broker's GPU_ATTACH_AGENT_TOKENS", file=sys.stderr)
+                return False
+            if status == 403:
+                print(f"gpu-attach agent: the broker at {url} refused this agent: {detail}. Use the agent token "
+                      "(GPU_ATTACH_AGENT_TOKEN), and the --name its entry in GPU_ATTACH_AGENT_TOKENS is bound to",
+                      file=sys.stderr)
+                return False
+            if status == 409:
+                kind, line = "taken", (
+                    f"{detail} (retrying for {patience:.0f} s, in case it is this agent's own previous run)")
+            else:
+                kind, line = "other", f"cannot register with {url}: {detail or e}; retrying for {patience:.0f} s"
+        if kind not in told:
+            told.add(kind)
+            print(f"gpu-attach agent: {line}", file=sys.stderr, flush=True)
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def _refusal(message: str) -> tuple[int | None, str]:
+    """``"broker refused registration (409): {"detail": "..."}"`` -> ``(409, "...")``."""
+    import re
+
+    m = re.search(r"\((\d{3})\): (.*)", message, re.S)
+    if not m:
+        return None, message
+    try:
+        detail = json.loads(m.group(2)).get("detail", m.group(2))
+    except (ValueError, AttributeError):
+        detail = m.group(2)
+    return int(m.group(1)), str(detail)[:300]
 
 
 # -- up: broker + agent on this machine ----------------------------------------------------------

@@ -23,19 +23,24 @@ def find_notebook(explicit: str | None) -> Path:
         return Path(explicit)
     here = Path(__file__).resolve()
     for candidate in (Path.cwd() / "examples" / "quickstart.ipynb",
-                      here.parents[2] / "examples" / "quickstart.ipynb",  # a source checkout
-                      here.parent / "quickstart.ipynb"):                   # bundled in the wheel
+                      here.parents[2] / "examples" / "quickstart.ipynb",              # a source checkout
+                      here.parent / "demo_notebooks" / "quickstart.ipynb"):           # bundled in the wheel
         if candidate.exists():
             return candidate
-    raise FileNotFoundError("quickstart.ipynb not found; pass --notebook PATH")
+    raise FileNotFoundError("the bundled quickstart.ipynb is missing from this installation; reinstall "
+                            "jupyter-gpu-attach, or pass --notebook PATH")
 
 
 def run(args) -> int:
     import nbclient
     import nbformat
 
-    path = find_notebook(args.notebook)
-    nb = nbformat.read(path, as_version=4)
+    try:
+        path = find_notebook(args.notebook)
+        nb = nbformat.read(path, as_version=4)
+    except (OSError, ValueError) as e:  # one line, not a traceback: the fix is the user's to make
+        print(f"gpu-attach demo: cannot read the notebook: {e}", file=sys.stderr)
+        return 2
     state = tempfile.mkdtemp(prefix="gpu-attach-demo-")
     saved = {k: os.environ.pop(k, None) for k in ("GPU_ATTACH_BROKER_URL", "GPU_ATTACH_TOKEN")}
     os.environ["GPU_ATTACH_STATE_DIR"] = state  # the kernel's embedded broker keeps its records here
@@ -48,6 +53,11 @@ def run(args) -> int:
         failed = None
     except nbclient.exceptions.CellExecutionError as e:
         failed = e
+    except Exception as e:  # no python3 kernel, or the kernel died: say which, in one line
+        print(f"gpu-attach demo: could not run the notebook: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(is ipykernel installed in this environment? `pip install ipykernel`)", file=sys.stderr)
+        shutil.rmtree(state, ignore_errors=True)
+        return 2
     finally:
         os.environ.pop("GPU_ATTACH_STATE_DIR", None)
         os.environ.update({k: v for k, v in saved.items() if v is not None})

@@ -16,6 +16,9 @@ USER_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
 #: The name of the shared agent token's principal: it may act as any agent id.
 ANY_AGENT = "*"
 
+#: Shorter tokens are refused: they could be guessed.
+MIN_TOKEN_LENGTH = 16
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -51,8 +54,8 @@ class TokenBook:
             self.add(token, Principal(agent_id, "agent"))
 
     def add(self, token: str, who: Principal) -> None:
-        if len(token) < 16:
-            raise ValueError(f"the token for {who.name!r} is too short: use at least 16 random characters")
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"the token for {who.name!r} is too short: use at least {MIN_TOKEN_LENGTH} random characters")
         if who.name != ANY_AGENT and not USER_NAME.match(who.name):
             raise ValueError(f"user name {who.name!r} must be 1-128 letters, digits or . _ @ -")
         self._by_digest[_digest(token)] = who
