@@ -97,7 +97,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def recv_frame(sock: socket.socket, limits: Limits | None = None, recycler: "BufferRecycler | None" = None) -> Frame:
+def recv_frame(sock: socket.socket, limits: Limits | None = None, recycler: "BufferRecycler | None" = None,
+               on_header=None) -> Frame:
     """Read one frame, refusing headers, buffer counts and payloads over ``limits``.
 
     With ``recycler``, large buffers come from memory that earlier frames used and nobody
@@ -126,6 +127,8 @@ def recv_frame(sock: socket.socket, limits: Limits | None = None, recycler: "Buf
         raise WireError(f"frame header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise WireError("frame header must be a JSON object")
+    if on_header is not None:  # before any buffer is allocated: the receiver may free memory for them
+        on_header(header)
     buffers = []
     for size in sizes:
         buf = recycler.take(size) if recycler is not None else _receive_buffer(size)

@@ -126,6 +126,13 @@ class ValueCache:
             _, (_, n) = self._items.popitem(last=False)
             self._size -= n
 
+    def drop(self, value: Any) -> None:
+        """Forget ``value`` (superseded under its name: the least likely content to come back)."""
+        for digest, (v, n) in list(self._items.items()):
+            if v is value:
+                del self._items[digest]
+                self._size -= n
+
     def get(self, digest: str) -> Any:
         item = self._items.get(digest)
         if item is None:
@@ -220,6 +227,19 @@ class RemoteShell:
             self.hashes[name] = digest
             held.add(id(value))
         return missing
+
+    def superseded(self, header: dict) -> None:
+        """The notebook is sending new values for these names: let go of the old ones before the
+        new ones arrive, so their memory can take them (a notebook loop re-sends same-shaped data).
+        Should the transfer fail, the notebook asks for a name the sandbox no longer has, and
+        sends it again."""
+        for name in header.get("hashes") or {}:
+            if not isinstance(name, str):
+                continue
+            old = self.ns.pop(name, None)
+            self.hashes.pop(name, None)
+            if old is not None:
+                self.cache.drop(old)
 
     def lost(self, expected: list[str]) -> list[str]:
         """Names the notebook expects to stay here that this sandbox does not hold."""

@@ -328,7 +328,7 @@ class Sandbox:
         cell.send(reply, buffers)
 
     def _receive(self, conn: socket.socket) -> wire.Frame:
-        return wire.recv_frame(conn, self.limits, self.recycler)
+        return wire.recv_frame(conn, self.limits, self.recycler, on_header=self.shell.superseded)
 
     def _execute(self, cell: _Cell, frame: wire.Frame, claims: dict) -> tuple[dict, list]:
         h = frame.header
