@@ -14,7 +14,7 @@ from typing import Any, MutableMapping
 
 from . import wire
 from .cell_analysis import CellNames, globals_used, is_shippable_name, pure_names
-from .errors import InputError
+from .errors import InputError, RemoteStateLost
 
 
 @dataclass
@@ -38,17 +38,28 @@ class RemoteNamespace:
     def __init__(self):
         self.synced: dict[str, str] = {}  # name -> content hash that the sandbox holds as well
         self.remote_only: dict[str, str] = {}  # name -> why it stays in the sandbox
+        self.lost: dict[str, str] = {}  # name -> where it lived, for objects whose sandbox ended
         self.sandbox: str | None = None  # the instance that holds the above
         self.agent: str | None = None
 
-    def forget(self) -> None:
+    def forget(self) -> list[str]:
+        """The sandbox was replaced: what it held is gone. Returns the names that lived only there."""
+        gone = sorted(self.remote_only)
+        for name in gone:
+            self.lost[name] = f"the session's sandbox on agent {self.agent}"
         self.synced.clear()
         self.remote_only.clear()
         self.sandbox = None
+        return gone
 
     def plan(self, names: CellNames, namespace: MutableMapping[str, Any]) -> CellInputs:
         """Decide what the cell must send, hashing the values it reads."""
         reads = {n for n in globals_used(set(names.reads), namespace) if is_shippable_name(n)}
+        lost = sorted(n for n in reads if n not in namespace and n in self.lost and n not in names.binds)
+        if lost:
+            raise RemoteStateLost(
+                f"{', '.join(lost)} lived only in {self.lost[lost[0]]}, which has ended since (idle too long, its "
+                "agent restarted, or the cell ran on another GPU). Re-run the cells that made them.")
         present = {n: namespace[n] for n in reads if n in namespace}
         plain, modules = wire.split_modules(present)
         hashes, failures = wire.fingerprints(plain, namespace)
@@ -94,6 +105,8 @@ class RemoteNamespace:
             old = namespace.get(name)
             if name in values and old is not None and old is not values[name]:
                 replaced[id(old)] = values[name]
+        for name in list(values) + list(modules) + list(header.get("remote") or {}):
+            self.lost.pop(name, None)
         for name, value in values.items():
             namespace[name] = value
             digest = (header.get("hashes") or {}).get(name)

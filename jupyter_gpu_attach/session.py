@@ -185,7 +185,10 @@ class GPUSession:
         self._env_checked = True
         if self.remote.sandbox is not None and h.get("sandbox") != self.remote.sandbox:
             # A new sandbox: what the old one held is gone; the cell already re-sent what it needed.
-            self.remote.forget()
+            gone = self.remote.forget()
+            if gone:
+                relay.stream("stderr", f"gpu-attach: this session's sandbox on agent {self.remote.agent} ended since the "
+                             f"last cell; what lived only there is gone: {', '.join(gone)}\n")
         self.remote.sandbox = h.get("sandbox")
         self.remote.agent = lease["agent"]["id"]
         self.remote.sent(inputs)

@@ -248,3 +248,36 @@ def test_environment_mismatch_is_refused_before_the_cell_runs(nb):
     finally:
         nb.ok("_s.environment = _real_env")
     nb.ok("%%gpu\nran = True")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(") ", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def test_a_lost_sandbox_names_the_objects_that_lived_only_there(site):
+    env = dict(os.environ, GPU_ATTACH_BROKER_URL=site.url, GPU_ATTACH_TOKEN=TOKENS["bob"])
+    k = Kernel(env)
+    try:
+        k.ok("kept = [1, 2, 3]")
+        k.ok("%%gpu\nimport threading\nonly_there = threading.Lock()\ntotal = sum(kept)")
+        before = set(_children(site.agents["gpu-host-1"].pid))
+        for pid in before:  # the session's sandbox (and the agent's spare) die, as an eviction would do
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(1.0)
+        # What the notebook holds is sent again, without the user noticing...
+        k.ok("%%gpu\nagain = sum(kept) + total")
+        assert k.value("again") == 12
+        # ...and what lived only in the sandbox is named.
+        reply = k.run("%%gpu\nonly_there.acquire()")
+        assert reply["ename"] == "RemoteStateLost" and "only_there" in reply["evalue"]
+    finally:
+        k.stop()
