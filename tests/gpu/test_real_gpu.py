@@ -104,3 +104,19 @@ def test_torch_cuda_tensors_come_back_on_the_cpu(session):
     ns: dict = {}
     session.run("import torch\nt = torch.ones(4, device='cuda') * 3", ns, SliceRequest.from_options(memory="1GiB"))
     assert ns["t"].device.type == "cpu" and float(ns["t"].sum()) == 12.0
+
+
+def test_device_arrays_leave_the_gpu_between_cells_and_come_back_for_the_next(session):
+    """The session's namespace persists, but no GPU memory is held while no cell runs: a CuPy array
+    left bound is parked in host memory and is a CuPy array again in the next cell that uses it."""
+    from jupyter_gpu_attach import SliceRequest
+
+    req = SliceRequest.from_options(memory="2GiB")
+    ns: dict = {}
+    session.run("import cupy as cp\nd = cp.arange(1024 * 1024, dtype=cp.float64)\nalias = d", ns, req)
+    session.run("import cupy as cp\npool = cp.get_default_memory_pool()\nbetween = (pool.used_bytes(), pool.total_bytes())",
+                ns, req)
+    assert ns["between"] == (0, 0), "a parked array must not hold device memory"
+    session.run("kind = type(d).__module__.split('.')[0]\nsame = d is alias\ntotal = float(d.sum())", ns, req)
+    assert ns["kind"] == "cupy" and ns["same"] is True
+    assert ns["total"] == float(sum(range(1024 * 1024)))

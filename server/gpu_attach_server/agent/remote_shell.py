@@ -161,6 +161,7 @@ class RemoteShell:
         self.ns = self.shell.user_ns
         self.hashes: dict[str, str] = {}  # name -> the content hash the notebook holds for it too
         self.cache = ValueCache(cache_bytes)
+        self.parked: dict[str, str] = {}  # name -> what it was on the GPU ("cupy", "torch", "module:cuda:0")
         self._stb: list[str] | None = None
         builtins.input = self._input
         getpass.getpass = self._getpass
@@ -240,6 +241,62 @@ class RemoteShell:
             self.hashes.pop(name, None)
             if old is not None:
                 self.cache.drop(old)
+
+    # -- nothing on the GPU between cells ------------------------------------------------------------
+
+    def park(self) -> list[str]:
+        """After a cell: move device arrays, tensors and models bound in the namespace to host memory,
+        so the session holds no GPU memory while it holds no slice. The notebook holds them as host
+        values too; a later cell that uses one gets it back on the GPU (:meth:`unpark`)."""
+        cp = sys.modules.get("cupy")
+        if cp is not None and getattr(cp, "__simulated__", False):
+            cp = None
+        torch = sys.modules.get("torch")
+        if torch is not None and not torch.cuda.is_available():
+            torch = None
+        if cp is None and torch is None:
+            return []
+        moved: dict[int, tuple[Any, str]] = {}  # id(device value) -> (host value, what it was)
+        for name, value in list(self.ns.items()):
+            if not is_shippable_name(name):
+                continue
+            if id(value) not in moved:
+                if cp is not None and isinstance(value, cp.ndarray):
+                    moved[id(value)] = (value.get(), "cupy")
+                elif torch is not None and isinstance(value, torch.Tensor) and value.is_cuda:
+                    host = value.detach().to("cpu").requires_grad_(value.requires_grad)
+                    moved[id(value)] = (host, f"torch:{value.device}")
+                elif torch is not None and isinstance(value, torch.nn.Module):
+                    device = next((p.device for p in value.parameters() if p.is_cuda), None)
+                    if device is None:
+                        continue
+                    value.to("cpu")  # in place: an optimiser's references to its parameters hold
+                    moved[id(value)] = (value, f"module:{device}")
+                else:
+                    continue
+            host, kind = moved[id(value)]
+            self.ns[name] = host
+            self.parked[name] = kind
+        return sorted(self.parked)
+
+    def unpark(self, names) -> None:
+        """Back on the GPU, for a cell that uses them (aliases stay aliases)."""
+        back: dict[int, Any] = {}
+        for name in names:
+            kind = self.parked.pop(name, None)
+            if kind is None or name not in self.ns:
+                continue
+            value = self.ns[name]
+            dev = back.get(id(value))
+            if dev is None:
+                if kind == "cupy":
+                    dev = sys.modules["cupy"].asarray(value)
+                elif kind.startswith("torch:"):
+                    dev = value.to(kind.split(":", 1)[1]).requires_grad_(value.requires_grad)
+                else:
+                    dev = value.to(kind.split(":", 1)[1])
+                back[id(value)] = dev
+            self.ns[name] = dev
 
     def lost(self, expected: list[str]) -> list[str]:
         """Names the notebook expects to stay here that this sandbox does not hold."""

@@ -322,6 +322,7 @@ class Sandbox:
             self.current = None
         self.recycler.keep(frame.buffers)
         del frame
+        self.shell.park()
         self._after_cell()
         cell.finished.set()
         reply.update(sandbox=self.instance, cells=self.cells_run)
@@ -361,6 +362,8 @@ class Sandbox:
         lost = self.shell.lost(h.get("expect") or [])
         if lost:
             return _error_reply("gpu_attach.RemoteStateLost", ", ".join(lost)), []
+        # What the cell uses of what it left on the GPU last time goes back there.
+        self.shell.unpark(list(h.get("cached") or {}) + list(h.get("expect") or []) + list(h.get("pure") or []))
         note = self._enter_workdir(h.get("cwd"))
         if note:
             self.err.write(note)
