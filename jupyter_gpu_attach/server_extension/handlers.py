@@ -126,7 +126,9 @@ class AttachHandler(GPUAttachHandler):
             line = attach_line(body)
         except ValueError as e:
             return self._error(400, str(e))
-        self.finish(json.dumps({"line": line}))
+        # Loading the magics first is a no-op where they are loaded, and makes the line work where not.
+        code = f"get_ipython().extension_manager.load_extension('jupyter_gpu_attach')\n{line}\n"
+        self.finish(json.dumps({"line": line, "code": code}))
 
 
 class InfoHandler(GPUAttachHandler):

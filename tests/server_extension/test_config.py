@@ -1,0 +1,46 @@
+"""Configuration problems surface in the API (503 with the fix), and the embedded default pool."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from tornado.httpclient import HTTPClientError
+
+EXT = {"jupyter_gpu_attach.server_extension": True}
+
+
+class TestUrlWithoutToken:
+    @pytest.fixture
+    def jp_server_config(self):
+        return {"ServerApp": {"jpserver_extensions": EXT},
+                "GPUAttach": {"broker_url": "http://127.0.0.1:9", "token": ""}}
+
+    async def test_says_to_set_the_token(self, jp_fetch, monkeypatch):
+        info = json.loads((await jp_fetch("gpu-attach", "api", "info")).body)
+        assert info["connected"] is False and "c.GPUAttach.token" in info["problem"]
+        with pytest.raises(HTTPClientError) as e:
+            await jp_fetch("gpu-attach", "api", "state")
+        assert e.value.code == 503 and "GPU_ATTACH_TOKEN" in json.loads(e.value.response.body)["detail"]
+
+
+class TestEmbedded:
+    @pytest.fixture
+    def jp_server_config(self, monkeypatch):
+        monkeypatch.setenv("GPU_ATTACH_BROKER_URL", "")
+        monkeypatch.setenv("GPU_ATTACH_TOKEN", "")
+        return {"ServerApp": {"jpserver_extensions": EXT}}
+
+    async def test_one_embedded_pool_for_the_server_and_its_kernels(self, jp_fetch, jp_serverapp):
+        ext = jp_serverapp.web_app.settings["gpu_attach"]
+        try:
+            info = json.loads((await jp_fetch("gpu-attach", "api", "info")).body)
+            assert info["connected"] and info["embedded"]
+            # Kernels inherit the server's environment, so they join this pool instead of starting one.
+            assert os.environ["GPU_ATTACH_BROKER_URL"] == info["broker_url"] == ext.embedded.url
+            assert os.environ["GPU_ATTACH_TOKEN"] == ext.embedded.token
+            pool = json.loads((await jp_fetch("gpu-attach", "api", "pool")).body)
+            assert pool["simulated"] and len(pool["gpus"]) >= 1
+        finally:
+            ext.stop()
