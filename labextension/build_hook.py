@@ -25,7 +25,19 @@ def build(target_name: str, version: str, **kwargs) -> None:
               f"the magics, widget and server extension are installed. To add the panel, {HOW}.\n",
               file=sys.stderr)
         return
+    if not stale():
+        return
     from hatch_jupyter_builder import npm_builder
 
-    npm_builder(target_name, version, path=str(ROOT / "labextension"), build_dir=str(TARGET),
-                source_dir=str(ROOT / "labextension" / "src"), build_cmd="build", npm=["npm"])
+    npm_builder(target_name, version, path=str(ROOT / "labextension"), build_cmd="build", npm=["npm"], force=True)
+
+
+def stale() -> bool:
+    """Whether the built panel is missing or older than any of its sources."""
+    built = [p.stat().st_mtime for p in TARGET.rglob("*") if p.is_file()]
+    if not (TARGET / "package.json").exists() or not built:
+        return True
+    src = ROOT / "labextension"
+    sources = [*src.joinpath("src").rglob("*"), *src.joinpath("style").rglob("*"),
+               src / "package.json", src / "tsconfig.json", src / "scripts" / "build-labextension.js"]
+    return max(p.stat().st_mtime for p in sources if p.is_file()) > min(built)
