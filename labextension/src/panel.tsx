@@ -87,29 +87,27 @@ function LeaseRow(props: {
   const age = l.age_s + (Date.now() - props.model.fetchedAt) / 1000;
   const queued = l.state === 'queued';
   return (
-    <tr className="jp-GpuAttach-lease" data-lease={l.id}>
-      <td>
+    <div className="jp-GpuAttach-lease" data-lease={l.id}>
+      <div className="jp-GpuAttach-leaseText">
         <div className="jp-GpuAttach-notebook">{props.notebookOf(l)}</div>
         <div className="jp-GpuAttach-label" title={l.label}>
           {l.label || '(no cell label)'}
         </div>
-      </td>
-      <td>
-        {queued ? (
-          <span className="jp-GpuAttach-badge">
-            queued{l.position !== null && l.position !== undefined ? ` #${l.position}` : ''}
-          </span>
-        ) : (
-          describeLease(props.model, l)
-        )}
-        <div className="jp-GpuAttach-age">{formatAge(age)}</div>
-      </td>
-      <td>
-        <Button small minimal title={`release ${l.id} now`} onClick={() => props.onRelease(l.id)}>
-          Release
-        </Button>
-      </td>
-    </tr>
+        <div className="jp-GpuAttach-age">
+          {queued ? (
+            <span className="jp-GpuAttach-badge jp-GpuAttach-queued">
+              queued{l.position !== null && l.position !== undefined ? ` #${l.position}` : ''}
+            </span>
+          ) : (
+            describeLease(props.model, l)
+          )}{' '}
+          · {formatAge(age)} · <span title="lease id">{l.id}</span>
+        </div>
+      </div>
+      <Button small minimal title={`release ${l.id} now`} onClick={() => props.onRelease(l.id)}>
+        Release
+      </Button>
+    </div>
   );
 }
 
@@ -159,14 +157,14 @@ class AttachForm extends React.Component<{ tracker: INotebookTracker | null }, I
             value={this.state.amount}
             onChange={e => this.setState({ amount: e.currentTarget.value })}
           />
-          <input
-            className="jp-mod-styled jp-GpuAttach-input"
-            aria-label="pool"
-            placeholder="pool (any)"
-            value={this.state.pool}
-            onChange={e => this.setState({ pool: e.currentTarget.value })}
-          />
         </div>
+        <input
+          className="jp-mod-styled jp-GpuAttach-input"
+          aria-label="pool"
+          placeholder="pool label (any pool)"
+          value={this.state.pool}
+          onChange={e => this.setState({ pool: e.currentTarget.value })}
+        />
         <Button disabled={this.state.busy || !current} onClick={() => void this._attach(current)}>
           Set default request
         </Button>
@@ -282,13 +280,11 @@ export class GpuPanel extends ReactWidget {
                 None: a GPU is held only while a %%gpu cell runs.
               </div>
             ) : (
-              <table className="jp-GpuAttach-leases">
-                <tbody>
-                  {state.leases.map(l => (
-                    <LeaseRow key={l.id} model={this.model} lease={l} notebookOf={this.notebookOf} onRelease={this.release} />
-                  ))}
-                </tbody>
-              </table>
+              <div className="jp-GpuAttach-leases">
+                {state.leases.map(l => (
+                  <LeaseRow key={l.id} model={this.model} lease={l} notebookOf={this.notebookOf} onRelease={this.release} />
+                ))}
+              </div>
             )}
           </>
         )}
