@@ -76,11 +76,12 @@ class PoolWidget:
         self.amount = w.Text(value="", placeholder="8GiB, 0.25 or 1", description="Amount")
         self.pool_label = w.Text(value="", placeholder="any", description="Pool")
         self.apply = w.Button(description="Set default", icon="check", button_style="primary")
-        self.message = w.HTML(value=self._default_text())
+        self.default_view = w.HTML(value=self._default_text())
+        self.message = w.HTML(value="")
         self.apply.on_click(lambda _: self.set_default())
         self.box = w.VBox([
             w.HTML("<b>GPU pool</b> (jupyter-gpu-attach)"), self.view,
-            w.HBox([self.kind, self.amount]), w.HBox([self.pool_label, self.apply]), self.message,
+            w.HBox([self.kind, self.amount]), w.HBox([self.pool_label, self.apply]), self.default_view, self.message,
         ], layout=w.Layout(border="1px solid var(--jp-border-color2, #ddd)", padding="6px"))
         self._stop = threading.Event()
         self.refresh()
@@ -104,7 +105,8 @@ class PoolWidget:
             self.message.value = f'<span style="color:var(--jp-error-color1,red)">{html.escape(str(e) or "bad amount")}</span>'
             return
         self.session.default = request
-        self.message.value = self._default_text()
+        self.message.value = ""
+        self.default_view.value = self._default_text()
 
     def refresh(self) -> None:
         try:
@@ -115,6 +117,8 @@ class PoolWidget:
                                f'{html.escape(str(e))}</span>')
             return
         self.view.value = render_pool(pool, leases, self.session.session_id)
+        # `%gpu attach` (typed, or run by the panel) changes the default behind the widget's back.
+        self.default_view.value = self._default_text()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.refresh_interval):

@@ -5,6 +5,7 @@ released from the panel, and the widget renders. Screenshots, light and dark, fo
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ CELLS = [
     "%load_ext jupyter_gpu_attach",
     "%%gpu --fraction 0.25\nimport time; time.sleep(6)  # train the model\nprint('trained')",
     "import jupyter_gpu_attach\njupyter_gpu_attach.widget(refresh_interval=1)",
+    "%gpu status",
 ]
 
 
@@ -119,6 +121,15 @@ def _walk_through(lab, site, page, tmp_path):
     widget.locator(".gpu-attach-bar").first.wait_for(timeout=30000)
     assert "simulated" in widget.inner_text() and "Set default" in widget.inner_text()
 
+    # The panel sets the notebook's default request: `%gpu attach --memory 2GiB` runs in its kernel.
+    panel.get_by_label("amount").fill("2GiB")
+    panel.get_by_role("button", name="Set default request").click()
+    panel.locator(".jp-GpuAttach-message", has_text="ran %gpu attach --memory 2GiB").wait_for()
+    _run_cell(page, 3)
+    status_out = page.locator(".jp-Notebook .jp-Cell").nth(3).locator(".jp-OutputArea-output")
+    status_out.wait_for()
+    assert re.search(r"default\s+2 GiB", status_out.inner_text()), status_out.inner_text()
+
     # Screenshots with a lease held, light and dark.
     held = _held_lease(site, kernel_id, "x = model.fit(data)")
     panel.locator(f".jp-GpuAttach-lease[data-lease='{held['id']}']").wait_for()
@@ -130,5 +141,11 @@ def _walk_through(lab, site, page, tmp_path):
     _shot(page, tmp_path, "lab-panel-dark")
     _shot(page, tmp_path, "widget-dark", widget)
     _theme(page, "JupyterLab Light")
+
+    # Clicking the status-bar item opens the panel.
+    page.locator(".jp-SideBar [data-id='jp-gpu-attach-panel']").click()  # collapses the sidebar
+    panel.wait_for(state="hidden")
+    status.click()
+    panel.wait_for(state="visible")
     with site.client("alice") as c:
         c.delete(f"/v1/leases/{held['id']}")
