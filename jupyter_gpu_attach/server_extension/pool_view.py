@@ -40,10 +40,12 @@ class PoolView:
 
     # -- reads ----------------------------------------------------------------------------------
 
-    def pool(self) -> dict:
+    def pool(self, my_leases: list[dict] | None = None) -> dict:
         """Every GPU, its slices (with owners where they are this user's) and its recent use."""
         pool = self.broker.pool()
-        mine = {lease["id"]: lease for lease in self.broker.leases(state="granted")}
+        if my_leases is None:
+            my_leases = self.broker.leases(state="granted")
+        mine = {lease["id"]: lease for lease in my_leases if lease["state"] == "granted"}
         self._sample(pool)
         gpus = []
         for g in pool["gpus"]:
@@ -60,15 +62,15 @@ class PoolView:
             gpus.append(dict(g, slices=slices, history=self.history(g["id"])))
         return {"gpus": gpus, "time": pool.get("time"), "simulated": bool(gpus) and all(g["simulated"] for g in gpus)}
 
-    def leases(self, notebooks: dict[str, str] | None = None) -> list[dict]:
+    def leases(self, notebooks: dict[str, str] | None = None, raw: list[dict] | None = None) -> list[dict]:
         """This user's queued and granted leases, newest first, each with its notebook and cell."""
         notebooks = notebooks or {}
         now = time.time()
         out = []
-        for lease in self.broker.leases(limit=200):
+        for lease in self._live_leases() if raw is None else raw:
             if lease["state"] not in LIVE_STATES:
                 continue
-            started = lease.get("granted_at") or lease.get("created_at") or now
+            started = lease.get("granted_at") or lease.get("queued_at") or lease.get("created_at") or now
             out.append(dict(
                 lease,
                 notebook=notebooks.get(lease["session"]),
@@ -77,17 +79,27 @@ class PoolView:
                 size=describe_lease(lease),
                 # The broker adds a queue position once it queues (issue 8); shown when present.
                 position=lease.get("position"),
+                of=lease.get("of"),
             ))
         return out
 
     def state(self, notebooks: dict[str, str] | None = None) -> dict:
-        """Everything the panel and the status bar draw, in one round trip."""
+        """Everything the panel and the status bar draw, in one round trip (two to the broker)."""
+        raw = self._live_leases()
         return {
             "broker": {"url": self.broker.url, "embedded": self.embedded},
             "refresh_interval": self.refresh_interval,
-            "pool": self.pool(),
-            "leases": self.leases(notebooks),
+            "pool": self.pool(raw),
+            "leases": self.leases(notebooks, raw),
         }
+
+    def _live_leases(self) -> list[dict]:
+        """Every granted lease (however old), and queued requests where the broker lists them."""
+        granted = self.broker.leases(state="granted", limit=1000)
+        # The broker has no `state=queued` filter (queued requests are not rows yet); a broker that
+        # queues and lists them shows them among the newest.
+        queued = [x for x in self.broker.leases(limit=50) if x["state"] == "queued"]
+        return queued + granted
 
     def history(self, gpu_id: str) -> list[list[float]]:
         with self._lock:

@@ -42,6 +42,7 @@ export interface ILease {
   age_s: number;
   size: string;
   position?: number | null;
+  of?: number | null;
 }
 
 export interface IState {

@@ -97,6 +97,7 @@ function LeaseRow(props: {
           {queued ? (
             <span className="jp-GpuAttach-badge jp-GpuAttach-queued">
               queued{l.position !== null && l.position !== undefined ? ` #${l.position}` : ''}
+              {l.of ? ` of ${l.of}` : ''}
             </span>
           ) : (
             describeLease(props.model, l)
