@@ -36,23 +36,30 @@ class Lab:
         self.url, self.proc, self.root, self.log = url, proc, root, log
         self.token = LAB_TOKEN
 
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
     def api(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"token {LAB_TOKEN}"}, timeout=30)
 
 
-@pytest.fixture(scope="module")
-def lab(site, tmp_path_factory):
+def start_lab(tmp: Path, broker_url: str, token: str, extension: bool = True) -> Lab:
+    """JupyterLab on a free port, with the panel as just built and (or without) the server extension."""
     if not (BUILT / "package.json").exists():
         pytest.fail("the JupyterLab panel is not built: `pip install -e .` with Node.js, or "
                     "`cd labextension && npm install && npm run build`")
-    tmp = tmp_path_factory.mktemp("lab")
     root, data, config = tmp / "root", tmp / "data", tmp / "config"
     for d in (root, data / "labextensions", config):
         d.mkdir(parents=True)
     # The panel as just built (JUPYTER_PATH comes first), not a copy an earlier install left.
     (data / "labextensions" / "jupyter-gpu-attach").symlink_to(BUILT)
     (config / "jupyter_server_config.json").write_text(json.dumps(
-        {"ServerApp": {"jpserver_extensions": {"jupyter_gpu_attach.server_extension": True}},
+        {"ServerApp": {"jpserver_extensions": {"jupyter_gpu_attach.server_extension": extension}},
          "GPUAttach": {"refresh_interval": 1.0}}))
     # No "Would you like to get notified about Jupyter news?" toast over the screenshots.
     notify = tmp / "settings" / "@jupyterlab" / "apputils-extension"
@@ -60,7 +67,7 @@ def lab(site, tmp_path_factory):
     (notify / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     port = _free_port()
     env = dict(os.environ, JUPYTER_PATH=str(data), JUPYTER_CONFIG_DIR=str(config),
-               GPU_ATTACH_BROKER_URL=site.url, GPU_ATTACH_TOKEN=TOKENS["alice"])
+               GPU_ATTACH_BROKER_URL=broker_url, GPU_ATTACH_TOKEN=token)
     log = tmp / "lab.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -71,23 +78,26 @@ def lab(site, tmp_path_factory):
              f"--LabApp.workspaces_dir={tmp / 'workspaces'}"],
             env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
+    lab = Lab(url, proc, root, log)
     deadline = time.monotonic() + 60
     while True:
         try:
             if httpx.get(f"{url}/api/status", headers={"Authorization": f"token {LAB_TOKEN}"}, timeout=2).status_code == 200:
-                break
+                return lab
         except httpx.HTTPError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            lab.stop()
             pytest.fail(f"JupyterLab did not start; its log ends with:\n{log.read_text()[-3000:]}")
         time.sleep(0.3)
-    yield Lab(url, proc, root, log)
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def lab(site, tmp_path_factory):
+    """JupyterLab whose server (and so its kernels) uses the test site's broker as alice."""
+    lab = start_lab(tmp_path_factory.mktemp("lab"), site.url, TOKENS["alice"])
+    yield lab
+    lab.stop()
 
 
 @pytest.fixture(scope="module")
