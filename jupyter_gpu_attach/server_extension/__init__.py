@@ -2,9 +2,9 @@
 
 Enabled by ``pip install`` (``etc/jupyter/jupyter_server_config.d/jupyter_gpu_attach.json``).
 With ``c.GPUAttach.broker_url`` (or ``$GPU_ATTACH_BROKER_URL``) it reads that broker with the
-server's token. With neither, it starts ONE embedded broker and agent for the whole Jupyter server
-and puts their URL and a user token in this process's environment, so every kernel the server
-starts from then on uses that pool too: the panel and ``%gpu pool`` show the same GPUs and leases.
+server's token. With neither, it starts ONE embedded broker and agent for the whole Jupyter server.
+Either way it puts the broker's URL and token in this process's environment, so every kernel the
+server starts from then on uses the same pool: the panel and ``%gpu pool`` show the same GPUs and leases.
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ class GPUAttachExtension:
             url, token = self._start_embedded()
             if not url:
                 return
+        # Kernels inherit the server's environment: from here on they all use this one pool
+        # (connection.get_session reads these), whether it came from config or is embedded.
+        os.environ["GPU_ATTACH_BROKER_URL"] = url
+        os.environ["GPU_ATTACH_TOKEN"] = token
         self.view = PoolView(BrokerClient(url, token, timeout=10), embedded=self.embedded is not None,
                              refresh_interval=self.refresh_interval)
 
@@ -58,10 +62,6 @@ class GPUAttachExtension:
             self.log.error("gpu-attach: %s", self.problem)
             return "", ""
         atexit.register(self.stop)
-        # Kernels inherit the server's environment: from here on they all join this one pool
-        # (connection.get_session reads these), instead of each starting a pool of its own.
-        os.environ["GPU_ATTACH_BROKER_URL"] = self.embedded.url
-        os.environ["GPU_ATTACH_TOKEN"] = self.embedded.token
         sim = " simulated" if all(d["simulated"] for d in self.embedded.devices) else ""
         self.log.info("gpu-attach: no broker configured; started an embedded broker at %s with %d%s device(s) "
                       "for this server and its kernels", self.embedded.url, len(self.embedded.devices), sim)

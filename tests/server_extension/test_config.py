@@ -44,3 +44,23 @@ class TestEmbedded:
             assert pool["simulated"] and len(pool["gpus"]) >= 1
         finally:
             ext.stop()
+
+
+class TestConfiguredByTraitlets:
+    @pytest.fixture
+    def jp_server_config(self, site, monkeypatch):
+        monkeypatch.setenv("GPU_ATTACH_BROKER_URL", "")
+        monkeypatch.setenv("GPU_ATTACH_TOKEN", "")
+        from tests.conftest import TOKENS
+
+        return {"ServerApp": {"jpserver_extensions": EXT},
+                "GPUAttach": {"broker_url": site.url, "token": TOKENS["alice"]}}
+
+    async def test_kernels_get_the_configured_broker(self, jp_fetch, site):
+        from tests.conftest import TOKENS
+
+        info = json.loads((await jp_fetch("gpu-attach", "api", "info")).body)
+        assert info["connected"] and not info["embedded"] and info["broker_url"] == site.url
+        # c.GPUAttach in the server's config reaches the kernels through their inherited environment.
+        assert os.environ["GPU_ATTACH_BROKER_URL"] == site.url
+        assert os.environ["GPU_ATTACH_TOKEN"] == TOKENS["alice"]
