@@ -39,15 +39,46 @@ def _shot(page, tmp_path, name: str, element=None) -> None:
         shutil.copy(path, SHOTS / f"{name}.png")
 
 
-def _run_cell(page, index: int) -> None:
-    page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".jp-InputPrompt").click()
-    page.keyboard.press("Shift+Enter")
+def _run_cell(page, index: int, within_s: float = 120) -> None:
+    """Run one cell. A request made while the kernel is still connecting is dropped (the prompt
+    stays "[ ]"), so ask again until the prompt shows the cell queued or run."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
+    prompt = cell.locator(".jp-InputPrompt")
+    deadline = time.monotonic() + within_s
+    while True:
+        prompt.click()
+        page.keyboard.press("Shift+Enter")
+        try:
+            page.wait_for_function("el => /\\[(\\*|\\d+)\\]/.test(el.textContent)", arg=prompt.element_handle(),
+                                   timeout=5000)
+            return
+        except PlaywrightTimeout:
+            if time.monotonic() > deadline:
+                raise
 
 
 def _theme(page, name: str) -> None:
     page.evaluate(f"window.jupyterapp.commands.execute('apputils:change-theme', {{theme: '{name}'}})")
     page.wait_for_function(f"document.body.dataset.jpThemeName === '{name}'", timeout=20000)
     time.sleep(0.5)
+
+
+def _widget_in_notebook7(lab, browser) -> None:
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(CELLS[2])])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, lab.root / "nb7.ipynb")
+    page = browser.new_page(viewport={"width": 1100, "height": 700})
+    try:
+        page.goto(f"{lab.url}/notebooks/nb7.ipynb?token={lab.token}")
+        page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=60000)
+        _run_cell(page, 0)  # runs once the kernel is up
+        out = page.locator(".jp-Notebook .jp-Cell").nth(0).locator(".jp-OutputArea-output")
+        out.locator(".gpu-attach-bar").first.wait_for(timeout=90000)
+        assert "simulated" in out.inner_text() and "Set default" in out.inner_text()
+    finally:
+        page.close()
 
 
 def _held_lease(site, kernel_id: str, label: str) -> dict:
@@ -143,6 +174,9 @@ def _walk_through(lab, site, page, tmp_path):
     _shot(page, tmp_path, "lab-panel-dark")
     _shot(page, tmp_path, "widget-dark", widget)
     _theme(page, "JupyterLab Light")
+
+    # The widget in Notebook 7 too (same server, its /tree and /notebooks pages).
+    _widget_in_notebook7(lab, page.context.browser)
 
     # Clicking the status-bar item opens the panel.
     page.locator(".jp-SideBar [data-id='jp-gpu-attach-panel']").click()  # collapses the sidebar
