@@ -11,6 +11,20 @@ from tornado.httpclient import HTTPClientError
 EXT = {"jupyter_gpu_attach.server_extension": True}
 
 
+async def _in_kernel(serverapp, kernel_id: str, code: str) -> str:
+    kc = serverapp.kernel_manager.get_kernel(kernel_id).client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        out = []
+        reply = await kc.execute_interactive(code, output_hook=lambda m: out.append(m["content"].get("text", "")),
+                                             timeout=60)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        return "".join(out).strip()
+    finally:
+        kc.stop_channels()
+
+
 class TestUrlWithoutToken:
     @pytest.fixture
     def jp_server_config(self):
@@ -42,6 +56,14 @@ class TestEmbedded:
             assert os.environ["GPU_ATTACH_TOKEN"] == ext.embedded.token
             pool = json.loads((await jp_fetch("gpu-attach", "api", "pool")).body)
             assert pool["simulated"] and len(pool["gpus"]) >= 1
+            # A notebook's kernel started by this server uses that same pool (what `%gpu pool` reads).
+            r = await jp_fetch("api", "sessions", method="POST", body=json.dumps(
+                {"path": "a.ipynb", "type": "notebook", "name": "a.ipynb", "kernel": {"name": "python3"}}))
+            kernel_id = json.loads(r.body)["kernel"]["id"]
+            seen = await _in_kernel(jp_serverapp, kernel_id,
+                                    "from jupyter_gpu_attach import connection; s = connection.get_session(); "
+                                    "print(s.broker.url, s.embedded is None, [g['id'] for g in s.pool()['gpus']])")
+            assert seen == f"{ext.embedded.url} True {[g['id'] for g in pool['gpus']]}"
         finally:
             ext.stop()
 

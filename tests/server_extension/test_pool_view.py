@@ -58,3 +58,9 @@ def test_release_refuses_what_is_not_a_lease_id(site):
 ])
 def test_attach_line_keeps_the_exact_size(body, line):
     assert attach_line(body) == line
+
+
+def test_outside_a_kernel_the_session_id_is_left_to_the_session():
+    from jupyter_gpu_attach.connection import kernel_session_id
+
+    assert kernel_session_id() is None
