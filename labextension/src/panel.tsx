@@ -7,6 +7,7 @@ import * as React from 'react';
 
 import { Message } from '@lumino/messaging';
 
+import { showErrorMessage } from '@jupyterlab/apputils';
 import { INotebookTracker } from '@jupyterlab/notebook';
 import { Button, HTMLSelect, ReactWidget, UseSignal } from '@jupyterlab/ui-components';
 
@@ -235,7 +236,7 @@ export class GpuPanel extends ReactWidget {
     try {
       await requestAPI(`leases/${id}`, { method: 'DELETE' });
     } catch (error) {
-      window.alert(String(error instanceof Error ? error.message : error));
+      void showErrorMessage(`Could not release ${id}`, error instanceof Error ? error.message : String(error));
     }
     await this.model.refresh();
   };
