@@ -20,6 +20,7 @@ from .errors import (
 )
 from .session import CellResult, GPUSession
 from .slices import SliceRequest
+from .widget import widget  # ipywidgets is imported only when a widget is made
 
 __version__ = "0.1.0"
 
@@ -36,9 +37,19 @@ def unload_ipython_extension(ipython) -> None:
     close_session()
 
 
+def _jupyter_server_extension_points():
+    """The Jupyter Server extension (the panel's API) lives in its own subpackage."""
+    return [{"module": "jupyter_gpu_attach.server_extension"}]
+
+
+def _jupyter_labextension_paths():
+    """For ``jupyter labextension develop``: the prebuilt panel, built into the package."""
+    return [{"src": "labextension", "dest": "jupyter-gpu-attach"}]
+
+
 __all__ = [
     "AgentLost", "AuthError", "BrokerUnreachable", "CellRejected", "CellResult", "CellTimeout", "GPUAttachError",
     "GPUSession", "InputError", "LeaseLost", "NoCapacity", "RemoteCellError", "SliceRequest", "close_session",
-    "get_session", "load_ipython_extension", "unload_ipython_extension",
+    "get_session", "load_ipython_extension", "unload_ipython_extension", "widget",
     "Lease", "lease", "remote",
 ]

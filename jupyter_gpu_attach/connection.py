@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import os
+import re
 import sys
 import threading
 
@@ -30,7 +32,7 @@ def get_session(config: GPUAttach | None = None) -> GPUSession:
                 if not cfg.token:
                     raise AuthError("GPU_ATTACH_BROKER_URL is set but GPU_ATTACH_TOKEN is not; set both, "
                                     "or unset the URL to use the embedded broker")
-                _session = GPUSession(cfg.broker_url, cfg.token)
+                _session = GPUSession(cfg.broker_url, cfg.token, session_id=kernel_session_id())
             else:
                 from .embedded import EmbeddedPool
 
@@ -40,12 +42,30 @@ def get_session(config: GPUAttach | None = None) -> GPUSession:
                 sim = " SIMULATED" if all(d["simulated"] for d in pool.devices) else ""
                 print(f"gpu-attach: embedded broker at {pool.url} with {len(pool.devices)}{sim} device(s)",
                       file=sys.stderr)
-                _session = GPUSession(pool.url, pool.token, embedded=pool)
+                _session = GPUSession(pool.url, pool.token, session_id=kernel_session_id(), embedded=pool)
             global _registered
             if not _registered:  # a kernel that shuts down or restarts ends its sandbox at once
                 atexit.register(close_session)
                 _registered = True
         return _session
+
+
+def kernel_session_id() -> str | None:
+    """``k-<kernel id>.<pid>`` inside a Jupyter kernel (its connection file is ``kernel-<id>.json``), else None.
+
+    The Jupyter Server extension maps leases to notebooks through this: the sessions API knows
+    each notebook's kernel id.
+    """
+    try:
+        from ipykernel.connect import get_connection_file
+
+        name = os.path.basename(get_connection_file())
+    except Exception:  # not in an ipykernel (plain IPython, a script): a random session id serves
+        return None
+    m = re.fullmatch(r"kernel-([A-Za-z0-9-]{1,64})\.json", name)
+    # The process id too: a restarted kernel keeps its kernel id, and must not find the sandbox
+    # (and the namespace) of the kernel it replaces.
+    return f"k-{m.group(1)}.{os.getpid()}" if m else None
 
 
 def current_session() -> GPUSession | None:
