@@ -102,12 +102,15 @@ def lab(site, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    # On a developer's machine a missing browser skips these tests; in CI (.ci/run installs both)
+    # it is a failure, so a broken install cannot pass as green.
+    missing = pytest.fail if os.environ.get("CI") else pytest.skip
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("Playwright is not installed: `pip install playwright` (.ci/run does)")
+        missing("Playwright is not installed: `pip install playwright` (.ci/run does)")
     if not Path(CHROMIUM).exists():
-        pytest.skip("Chromium is not installed: `apt-get install -y chromium` (.ci/run does)")
+        missing("Chromium is not installed: `apt-get install -y chromium` (.ci/run does)")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
