@@ -91,9 +91,17 @@ def _freeze_startup_objects() -> None:
 
 
 def _listen(host: str, port: int, fd: int | None) -> socket.socket:
-    if fd is not None:
-        return socket.socket(fileno=fd)
-    return socket.create_server((host, port), backlog=512)
+    """The listening socket, made so that asyncio sets TCP_NODELAY on every accepted connection.
+
+    asyncio sets TCP_NODELAY only on sockets whose ``proto`` is ``IPPROTO_TCP``, and
+    ``socket.create_server`` leaves ``proto`` 0, which accepted sockets inherit. Without it a
+    response on a kept-alive connection waits ~40 ms for the client's delayed ACK (Nagle).
+    Wrapping the file descriptor again makes Python ask the kernel, which answers IPPROTO_TCP
+    (``--fd`` always took this path, which is why only ``--port`` was slow).
+    """
+    if fd is None:
+        fd = socket.create_server((host, port), backlog=512).detach()
+    return socket.socket(fileno=fd)
 
 
 # -- broker -------------------------------------------------------------------------------------
