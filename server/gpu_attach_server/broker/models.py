@@ -15,13 +15,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Exactly one size may be named; said in the schema too, so generated clients know it.
+_ONE_SIZE = {"not": {"anyOf": [
+    {"required": list(pair), "properties": {k: {"not": {"type": "null"}} for k in pair}}
+    for pair in (("gpus", "fraction"), ("gpus", "memory"), ("fraction", "memory"))]}}
+
+
 class LeaseRequest(_Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_SIZE)
+
     gpus: Optional[int] = Field(None, ge=1, le=64, description="whole GPUs on one host")
     fraction: Optional[float] = Field(None, gt=0, le=1, description="share of one GPU")
     memory: Optional[int | str] = Field(None, description="bytes, or a size such as '8GiB'")
     pool: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     session: str = Field(..., pattern=_NAME, description="the notebook session asking")
     label: str = Field("", max_length=256, description="free text shown in listings, e.g. the cell")
+    wait_s: float = Field(0.0, ge=0, le=86400, description=(
+        "seconds the request may wait in the queue if no GPU can take it now (0: refuse at once "
+        "with 409). A queued request answers 202; poll GET /v1/leases/{id}?wait=S for the grant"))
 
     @field_validator("memory")
     @classmethod
