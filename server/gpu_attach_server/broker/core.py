@@ -294,6 +294,9 @@ class Broker:
                     [scheduler.Allocation(a[0], a[1]) for a in allocs],
                     prefer_gpu_ids=self._affinity.get((user, session), frozenset()))
             except scheduler.NoFit as e:
+                if e.never and self.policy.drained and self._fits_undrained(conn, request):
+                    raise NoCapacity(f"{e} while GPUs are drained by an admin; wait, or ask them to undrain",
+                                     never=False) from None
                 raise NoCapacity(str(e), e.never) from None
             if self.policy.quotas:
                 refusal = self.policy.check(user, *_asks(request, placement), _in_use(allocs))
@@ -336,6 +339,13 @@ class Broker:
             "granted_at": rec["granted_at"], "expires_at": rec["expires_at"], "ttl_s": self.settings.lease_ttl_s,
             "token": token,
         }
+
+    def _fits_undrained(self, conn, request: SliceRequest) -> bool:
+        try:
+            scheduler.place(request, [_gpu(r) for r in self.store.gpus_up(conn)], [])
+            return True
+        except scheduler.NoFit:
+            return False
 
     def _up(self, conn) -> list[dict[str, Any]]:
         """GPUs that may take new grants: present, on an agent that is up, and not drained."""
@@ -396,7 +406,8 @@ class Broker:
                 return True
 
             plan = queue.plan(ordered, [_gpu(r) for r in up], [scheduler.Allocation(a[0], a[1]) for a in allocs],
-                              admissible, lambda w: self._affinity.get((w.user, w.session), frozenset()))
+                              admissible, lambda w: self._affinity.get((w.user, w.session), frozenset()),
+                              [_gpu(r) for r in self.store.gpus_up(conn)] if self.policy.drained else None)
             for w, placement in plan.grants:
                 granted.append((w, self._record(conn, up, w.user, w.session, w.label, w.request, placement, t, w.id)))
         self._reserved = plan.reserved

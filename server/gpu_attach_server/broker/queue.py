@@ -89,11 +89,14 @@ class Plan:
 
 def plan(ordered: list[Waiter], gpus: list[scheduler.GPU], allocations: list[scheduler.Allocation],
          admissible: Callable[[Waiter, scheduler.Placement], bool] = lambda w, p: True,
-         prefer: Callable[[Waiter], frozenset[str]] = lambda w: frozenset()) -> Plan:
+         prefer: Callable[[Waiter], frozenset[str]] = lambda w: frozenset(),
+         every_gpu: list[scheduler.GPU] | None = None) -> Plan:
     """Walk ``ordered`` once: grant what fits outside the reservation, reserve for the first that does not.
 
     ``admissible`` says whether a placement is within the waiter's quota now; one that is not
     stays queued without reserving anything (it waits for its own user's leases, not the pool's).
+    ``every_gpu`` (default ``gpus``) also counts drained GPUs: a request that only they could hold
+    waits for the undrain instead of being refused.
     """
     allocs = list(allocations)
     reserved: set[str] = set()
@@ -107,7 +110,7 @@ def plan(ordered: list[Waiter], gpus: list[scheduler.GPU], allocations: list[sch
             placement = None
         if placement is None:
             try:
-                scheduler.place(w.request, gpus, [], prefer(w))  # could it fit an empty pool?
+                scheduler.place(w.request, every_gpu or gpus, [], prefer(w))  # could it fit an empty pool?
             except scheduler.NoFit as e:
                 never.append((w, str(e)))
                 continue
