@@ -22,7 +22,8 @@ _GROUP = r"^[A-Za-z0-9_.@-]{1,128}$"
 _CURSOR = r"^[0-9][0-9.e+-]{0,30}_L[0-9a-f]{12}$"
 LeaseId = Annotated[str, Path(pattern=r"^L[0-9a-f]{12}$")]
 UserName = Annotated[str, Path(pattern=_USER)]
-Target = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:@/-]{1,160}$")]
+AgentName = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:@-]{1,128}$")]
+GPUIndex = Annotated[int, Path(ge=0, le=1024)]
 
 
 class _In(BaseModel):
@@ -226,18 +227,24 @@ def admin_router(broker: Broker, tokens: TokenBook, who: Callable[[Request], Pri
     async def revoke(lease_id: LeaseId, body: RevokeIn = Body(RevokeIn()), who: Principal = Depends(admin)):
         return site.revoke(who.name, lease_id, body.reason)
 
-    for kind in ("agent", "gpu"):
-        def routes(kind=kind):
-            @r.post(f"/{kind}s/{{target}}/drain", response_model=DrainOut, responses=E(404, 422),
-                    name=f"drain_{kind}", summary=f"Drain a {kind}: no new grants, running cells finish")
-            async def drain(target: Target, body: DrainIn = Body(DrainIn()), who: Principal = Depends(admin)):
-                return site.drain(who.name, kind, target, body.reason, True)
+    @r.post("/agents/{agent_id}/drain", response_model=DrainOut, responses=E(404, 422))
+    async def drain_agent(agent_id: AgentName, body: DrainIn = Body(DrainIn()), who: Principal = Depends(admin)):
+        """Drain an agent: no new grants on its GPUs; running cells finish."""
+        return site.drain(who.name, "agent", agent_id, body.reason, True)
 
-            @r.post(f"/{kind}s/{{target}}/undrain", response_model=DrainOut, responses=E(404, 422),
-                    name=f"undrain_{kind}", summary=f"Undrain a {kind}")
-            async def undrain(target: Target, who: Principal = Depends(admin)):
-                return site.drain(who.name, kind, target, "", False)
-        routes()
+    @r.post("/agents/{agent_id}/undrain", response_model=DrainOut, responses=E(404, 422))
+    async def undrain_agent(agent_id: AgentName, who: Principal = Depends(admin)):
+        return site.drain(who.name, "agent", agent_id, "", False)
+
+    @r.post("/agents/{agent_id}/gpus/{index}/drain", response_model=DrainOut, responses=E(404, 422))
+    async def drain_gpu(agent_id: AgentName, index: GPUIndex, body: DrainIn = Body(DrainIn()),
+                        who: Principal = Depends(admin)):
+        """Drain one GPU (id ``AGENT/INDEX``): no new grants on it; running cells finish."""
+        return site.drain(who.name, "gpu", f"{agent_id}/{index}", body.reason, True)
+
+    @r.post("/agents/{agent_id}/gpus/{index}/undrain", response_model=DrainOut, responses=E(404, 422))
+    async def undrain_gpu(agent_id: AgentName, index: GPUIndex, who: Principal = Depends(admin)):
+        return site.drain(who.name, "gpu", f"{agent_id}/{index}", "", False)
 
     @r.get("/users", response_model=list[UserOut])
     async def list_users():
