@@ -366,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     _timing_options(b)
     b.set_defaults(func=run_broker)
 
+    from .admin_cli import add_parser as add_admin_parser
+
+    add_admin_parser(sub)
+
     a = sub.add_parser("agent", help="run an agent on a GPU host")
     a.add_argument("--broker", default=os.environ.get("GPU_ATTACH_BROKER_URL"), required="GPU_ATTACH_BROKER_URL" not in os.environ,
                    help="the broker's URL (default: $GPU_ATTACH_BROKER_URL)")
