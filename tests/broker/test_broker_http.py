@@ -180,7 +180,7 @@ def test_usage_report_and_metrics(site):
         assert row["busy_gpu_s"] == 0 and row["idle_share"] == 1.0  # no agent reported a cell running
         by_gpu = admin.get("/v1/admin/usage", params={"since": t0, "by": "gpu"}).json()["rows"]
         assert {r["gpu"] for r in by_gpu} <= {"h1/0", "h1/1"}
-        assert admin.get("/v1/admin/usage", params={"since": t0, "until": t0 - 5}).status_code == 422
+        assert admin.get("/v1/admin/usage", params={"since": t0, "until": t0 - 5}).json()["rows"] == []
         text = admin.get("/metrics").text
     assert "gpu_attach_grants_total" in text
     assert 'gpu_attach_refusals_total{reason="busy"}' in text
@@ -188,3 +188,35 @@ def test_usage_report_and_metrics(site):
     assert 'gpu_attach_lease_duration_seconds_count{state="released"}' in text
     assert 'gpu_attach_gpu_allocated_share{agent="h1",gpu="h1/0",pool="default"}' in text
     assert "gpu_attach_queue_length 0.0" in text
+
+
+@pytest.mark.parametrize("body, status, names", [
+    ({"session": "s", "fraction": -0.5}, 422, "fraction"),
+    ({"session": "s", "gpus": 0}, 422, "gpus"),
+    ({"session": "s", "gpus": 10**9}, 422, "gpus"),
+    ({"session": "s", "memory": "0GiB"}, 422, "memory"),
+    ({"session": "s", "memory": 2**61}, 422, "memory"),
+    ({"session": "s", "gpus": 1, "fraction": 0.5}, 422, "one of"),
+    ({"session": "s", "gpus": 1, "colour": "red"}, 422, "colour"),
+    ({"session": "s", "wait_s": -1}, 422, "wait_s"),
+    ({"session": "s", "fraction": 0.5, "pool": "nowhere"}, 409, "pools with GPUs up: default"),
+    ({"session": "bad name!", "gpus": 1}, 422, "session"),
+])
+def test_bad_requests_get_a_4xx_naming_the_problem_and_change_nothing(site, body, status, names):
+    with site.client("admin") as admin, site.client("alice") as alice:
+        before = admin.get("/v1/admin/leases", params={"limit": 1000}).json()["leases"]
+        r = alice.post("/v1/leases", json=body)
+        assert r.status_code == status
+        assert names in str(r.json()["detail"])
+        assert admin.get("/v1/admin/leases", params={"limit": 1000}).json()["leases"] == before
+        assert admin.get("/v1/admin/queue").json()["entries"] == []
+
+
+def test_the_schema_says_which_sizes_exclude_each_other(site):
+    with site.client("alice") as c:
+        doc = c.get("/openapi.json").json()
+    lease = doc["components"]["schemas"]["LeaseRequest"]
+    assert {"required": ["gpus", "fraction"]}.items() <= lease["not"]["anyOf"][0].items()
+    post = doc["paths"]["/v1/leases"]["post"]["responses"]
+    assert {"201", "202", "401", "403", "409", "413", "422"} <= set(post)
+    assert "/v1/admin/usage" in doc["paths"] and "/metrics" in doc["paths"]

@@ -231,7 +231,7 @@ class SiteAdmin:
         for comparison with a whole-kernel allocation.
         """
         t = now()
-        until = min(until, t)
+        until = max(min(until, t), since)
         q = (select(leases.c.id, leases.c.user, leases.c.session, leases.c.fraction, leases.c.granted_at,
                     leases.c.ended_at, leases.c.expires_at, lease_gpus.c.gpu_id, lease_busy.c.busy_s)
              .join(lease_gpus, lease_gpus.c.lease_id == leases.c.id)

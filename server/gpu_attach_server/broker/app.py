@@ -28,7 +28,7 @@ log = logging.getLogger("gpu_attach.broker")
 
 MAX_BODY_BYTES = 1024 * 1024
 LeaseId = Annotated[str, Path(pattern=r"^L[0-9a-f]{12}$")]
-CURSOR = r"^[0-9][0-9.e+-]{0,30}_L[0-9a-f]{12}$"
+CURSOR = r"^[0-9]{1,12}(\.[0-9]{1,20})?(e[+-]?[0-9]{1,3})?_L[0-9a-f]{12}$"
 #: The longest one long-poll holds a connection; clients poll again (the queue keeps their place).
 MAX_POLL_S = 60.0
 AgentId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:@-]{1,128}$")]

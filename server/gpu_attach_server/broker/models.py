@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jupyter_gpu_attach.slices import SliceRequest, parse_size
 
 _NAME = r"^[A-Za-z0-9_.:@-]{1,128}$"
+# A size the schema itself accepts only if parse_size does: 1 byte up to 999999.999 TiB (< 2**60).
+_SIZE = r"^\s*[1-9][0-9]{0,5}(\.[0-9]{1,3})?\s*([kKmMgGtT][iI]?)?[bB]?\s*$"
 
 
 class _Strict(BaseModel):
@@ -26,7 +28,8 @@ class LeaseRequest(_Strict):
 
     gpus: Optional[int] = Field(None, ge=1, le=64, description="whole GPUs on one host")
     fraction: Optional[float] = Field(None, gt=0, le=1, description="share of one GPU")
-    memory: Optional[int | str] = Field(None, description="bytes, or a size such as '8GiB'")
+    memory: Optional[Annotated[int, Field(ge=1, le=2**60)] | Annotated[str, Field(pattern=_SIZE)]] = Field(
+        None, description="bytes, or a size such as '8GiB' (KB/MB/GB/TB: powers of 1000; KiB/MiB/GiB/TiB: of 1024)")
     pool: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     session: str = Field(..., pattern=_NAME, description="the notebook session asking")
     label: str = Field("", max_length=256, description="free text shown in listings, e.g. the cell")
