@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from jupyter_gpu_attach.slices import SliceRequest, parse_size
 
@@ -28,7 +29,10 @@ class LeaseRequest(_Strict):
 
     gpus: Optional[int] = Field(None, ge=1, le=64, description="whole GPUs on one host")
     fraction: Optional[float] = Field(None, gt=0, le=1, description="share of one GPU")
-    memory: Optional[Annotated[int, Field(ge=1, le=2**60)] | Annotated[str, Field(pattern=_SIZE)]] = Field(
+    # Validated by _size (whose errors say how to write a size); the schema states the same rule.
+    memory: Annotated[Optional[int | str], WithJsonSchema({"anyOf": [
+        {"type": "integer", "minimum": 1, "maximum": 2**60}, {"type": "string", "pattern": _SIZE},
+        {"type": "null"}]})] = Field(
         None, description="bytes, or a size such as '8GiB' (KB/MB/GB/TB: powers of 1000; KiB/MiB/GiB/TiB: of 1024)")
     pool: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     session: str = Field(..., pattern=_NAME, description="the notebook session asking")
@@ -42,6 +46,10 @@ class LeaseRequest(_Strict):
     def _size(cls, v):
         if v is None:
             return v
+        if isinstance(v, str) and not re.match(_SIZE, v):
+            raise ValueError(f"not a size: {v[:40]!r} (write it like 2GiB, 512MiB or 8GB, up to 6 digits)")
+        if isinstance(v, int) and not isinstance(v, bool) and v > 2**60:
+            raise ValueError(f"{v} bytes is larger than any GPU (write it like 2GiB, 512MiB or 8GB)")
         try:
             return parse_size(v)
         except ValueError as e:
