@@ -161,7 +161,7 @@ def main() -> int:
     print(f"{'gpu-attach: leased per cell':34s} {args.gpus:5d} {p50 * args.speedup:7.1f} s trace {p95 * args.speedup:7.1f} s trace "
           f"{busy / held if held else 0:13.1%} {statistics.mean(len(v) for v in served.values()) if served else 0:14.1f}")
     print(f"{'':40s} ({p50:.2f} s wall)  ({p95:.2f} s wall)")
-    print(f"(busy = the sandbox's time in the cell; granted = lease held, grant to release; "
+    print("(busy = the sandbox's time in the cell; granted = lease held, grant to release; "
           f"target p95 wait <= 1 s, >= 95 % busy)")
     for e in errors[:5]:
         print("error:", e)

@@ -10,7 +10,7 @@ import secrets
 import threading
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy import and_, insert, select, update
 
@@ -18,62 +18,16 @@ from jupyter_gpu_attach.slices import SliceRequest
 
 from ..grant_tokens import GrantSigner
 from . import queue, scheduler
+from .accounting import Accounting, BrokerEvents
 from .auth import Principal
-from .quotas import Policy, Refusal, Usage
-from .site_tables import lease_busy
+from .errors import BrokerError, Conflict, Forbidden, NoCapacity, NotFound, OverQuota  # noqa: F401 (re-exported)
+from .quotas import Policy, asks, in_use
 from .store import Store, agents, gpus, lease_gpus, leases, now
+from .waiting import WaitingRoom
 
 LEASE_STATES = ("granted", "released", "expired", "revoked", "failed")
 #: What ``GET /v1/leases/{id}`` may also answer for a request that waited in the queue.
 QUEUE_STATES = ("queued",) + queue.QUEUE_ENDS
-
-
-class BrokerError(Exception):
-    status = 400
-    reason = "bad_request"
-
-    def __init__(self, message: str, **extra: Any):
-        super().__init__(message)
-        self.extra = extra
-
-
-class NotFound(BrokerError):
-    status, reason = 404, "not_found"
-
-
-class Forbidden(BrokerError):
-    status, reason = 403, "forbidden"
-
-
-class Conflict(BrokerError):
-    status, reason = 409, "conflict"
-
-
-class NoCapacity(BrokerError):
-    """No GPU can take the request now (``busy``) or ever (``too_large``)."""
-
-    status = 409
-
-    def __init__(self, message: str, never: bool, **extra: Any):
-        super().__init__(message, **extra)
-        self.reason = "too_large" if never else "busy"
-
-
-class OverQuota(BrokerError):
-    """The request would take its user (or group) over a quota; ``extra`` has the numbers."""
-
-    status, reason = 409, "over_quota"
-
-    def __init__(self, refusal: Refusal):
-        super().__init__(refusal.message(), **refusal.to_json())
-
-
-class BrokerEvents:
-    """What the broker reports as it happens (the Prometheus metrics implement it); no-ops here."""
-
-    def granted(self, waited_s: float) -> None: ...
-    def refused(self, reason: str) -> None: ...
-    def ended(self, state: str, held_s: float) -> None: ...
 
 
 @dataclass
@@ -92,7 +46,7 @@ class BrokerSettings:
     fair_share_by: str = "user"
 
 
-class Broker:
+class Broker(WaitingRoom, Accounting):
     def __init__(self, store: Store, signer: GrantSigner, settings: BrokerSettings | None = None):
         self.store = store
         self.signer = signer
@@ -212,36 +166,6 @@ class Broker:
         self.dispatch()
         return {"expired": expired, "revoked": revoked, "agents_down": dead, "failed": failed, "queue_ended": timed_out}
 
-    # -- busy time, as agents report it ---------------------------------------------------------
-
-    def record_busy(self, agent_id: str, running: list[str]) -> None:
-        """An agent's heartbeat named the leases whose cell is running: each was busy since the
-        last beat (capped at two intervals, so a missed beat is not counted as busy)."""
-        t = now()
-        last = self._last_beat.get(agent_id)
-        self._last_beat[agent_id] = t
-        if last is None or not running:
-            return
-        dt = min(t - last, 2 * self.settings.heartbeat_interval_s)
-        for lease_id in running[:10000]:
-            self._busy[lease_id] += dt
-
-    def _flush_busy(self, conn) -> None:
-        if not self._busy:
-            return
-        pending, self._busy = self._busy, defaultdict(float)
-        known = {r[0]: r[1] for r in conn.execute(
-            select(lease_busy.c.lease_id, lease_busy.c.busy_s).where(lease_busy.c.lease_id.in_(list(pending))))}
-        real = {r[0] for r in conn.execute(select(leases.c.id).where(leases.c.id.in_(list(pending))))}
-        for lease_id, dt in pending.items():
-            if lease_id not in real:
-                continue  # an agent may only add time to leases that exist
-            if lease_id in known:
-                conn.execute(update(lease_busy).where(lease_busy.c.lease_id == lease_id)
-                             .values(busy_s=known[lease_id] + dt))
-            else:
-                conn.execute(insert(lease_busy).values(lease_id=lease_id, busy_s=dt))
-
     def reload_policy(self) -> None:
         """Read users, quotas and drains again (after an admin change, here or on another replica)."""
         with self.store.read() as conn:
@@ -290,7 +214,7 @@ class Broker:
             allocs = self.store.active_allocations(conn, t)
             try:
                 placement = scheduler.place(
-                    request, [_gpu(r) for r in up],
+                    request, [scheduler.gpu_from_row(r) for r in up],
                     [scheduler.Allocation(a[0], a[1]) for a in allocs],
                     prefer_gpu_ids=self._affinity.get((user, session), frozenset()))
             except scheduler.NoFit as e:
@@ -299,7 +223,7 @@ class Broker:
                                      never=False) from None
                 raise NoCapacity(str(e), e.never) from None
             if self.policy.quotas:
-                refusal = self.policy.check(user, *_asks(request, placement), _in_use(allocs))
+                refusal = self.policy.check(user, *asks(request, placement), in_use(allocs))
                 if refusal:
                     self.events.refused("over_quota")
                     raise OverQuota(refusal)
@@ -342,7 +266,7 @@ class Broker:
 
     def _fits_undrained(self, conn, request: SliceRequest) -> bool:
         try:
-            scheduler.place(request, [_gpu(r) for r in self.store.gpus_up(conn)], [])
+            scheduler.place(request, [scheduler.gpu_from_row(r) for r in self.store.gpus_up(conn)], [])
             return True
         except scheduler.NoFit:
             return False
@@ -352,153 +276,6 @@ class Broker:
         up = self.store.gpus_up(conn)
         drained = self.policy.drained
         return [r for r in up if r["id"] not in drained and r["agent_id"] not in drained] if drained else up
-
-    # -- the queue ------------------------------------------------------------------------------
-
-    def _enqueue(self, user, request, session, label, t, wait_s) -> queue.Waiter:
-        self._seq += 1
-        group, priority = self.policy.users.get(user, (None, 0))
-        w = queue.Waiter(id="L" + secrets.token_hex(6), user=user, group=group or "", priority=priority,
-                         request=request, session=session, label=label[:256], arrived=t, seq=self._seq,
-                         deadline=t + wait_s, last_seen=t)
-        self._waiters[w.id] = w
-        return w
-
-    def _share_key(self, user: str, group: str) -> str:
-        return f"group:{group}" if self.settings.fair_share_by == "group" and group else f"user:{user}"
-
-    def _ranked(self, t: float) -> list[queue.Waiter]:
-        return queue.rank(list(self._waiters.values()),
-                          lambda w: self.fair_share.usage(self._share_key(w.user, w.group), t))
-
-    def dispatch(self) -> int:
-        """Grant what the queue can have now, in its order (call when capacity or policy changed)."""
-        with self._qlock:
-            return self._dispatch() if self._waiters else 0
-
-    def _dispatch(self, fresh: str | None = None) -> int:
-        """One pass over the queue in one grant transaction. ``fresh``: a request that just
-        arrived, refused (not queued) if it is over its quota now, like a request that finds no queue."""
-        t = now()
-        granted: list[tuple[queue.Waiter, dict]] = []
-        with self.store.hot() as conn:
-            self.store.lock_gpus(conn)
-            up = self._up(conn)
-            allocs = self.store.active_allocations(conn, t)
-            ordered = self._ranked(t)
-            in_use = _in_use(allocs)
-            refusals: dict[str, Refusal] = {}
-
-            def admissible(w: queue.Waiter, placement: scheduler.Placement) -> bool:
-                if not self.policy.quotas:
-                    return True
-                share, memory = _asks(w.request, placement)
-                if self.policy.never_fits(w.user, share, memory):
-                    refusals[w.id] = self.policy.never_fits(w.user, share, memory)
-                    return False
-                over = self.policy.check(w.user, share, memory, in_use)
-                if over and w.id == fresh:
-                    refusals[w.id] = over
-                if over:
-                    return False  # a queued one waits for its own user's leases to end
-                u = in_use.setdefault(w.user, Usage())
-                u.share, u.memory = u.share + share, u.memory + memory
-                return True
-
-            plan = queue.plan(ordered, [_gpu(r) for r in up], [scheduler.Allocation(a[0], a[1]) for a in allocs],
-                              admissible, lambda w: self._affinity.get((w.user, w.session), frozenset()),
-                              [_gpu(r) for r in self.store.gpus_up(conn)] if self.policy.drained else None)
-            for w, placement in plan.grants:
-                granted.append((w, self._record(conn, up, w.user, w.session, w.label, w.request, placement, t, w.id)))
-        self._reserved = plan.reserved
-        self._concurrent = len({a[2] for a in allocs}) + len(granted)
-        for w, why in plan.never:
-            self._settle(w, "refused", reason=why)
-        for wid, refusal in refusals.items():
-            w = self._waiters.get(wid)
-            if w is not None:
-                w.refusal, w.reason_code = refusal, "over_quota"
-                self._settle(w, "refused", reason=refusal.message())
-        for w, rec in granted:
-            self.events.granted(t - w.arrived)
-            self._settle(w, "granted", self._grant_json(rec))
-        return len(granted)
-
-    def _settle(self, w: queue.Waiter, state: str, result: dict | None = None, reason: str = "") -> None:
-        self._waiters.pop(w.id, None)
-        self._settled[w.id] = w
-        while len(self._settled) > 10000:
-            self._settled.popitem(last=False)
-        w.settle(state, result, reason)
-
-    def _expire_waiters(self, t: float) -> list[str]:
-        ended = []
-        with self._qlock:
-            for w in list(self._waiters.values()):
-                if t >= w.deadline:
-                    waited = w.deadline - w.arrived
-                    self._settle(w, "timed_out", reason=(
-                        f"waited {waited:.0f} s in the queue (the wait limit) and no GPU could take "
-                        f"{w.request.describe()}; wait longer (--wait), ask for less, or try later"))
-                elif not w.polling and t - w.last_seen > self.settings.queue_abandon_s:
-                    self._settle(w, "abandoned", reason=f"its client stopped polling for {self.settings.queue_abandon_s:g} s")
-                else:
-                    continue
-                self.events.refused(w.state)
-                ended.append(w.id)
-            while self._settled and t - next(iter(self._settled.values())).arrived > self.settings.max_wait_s + 120:
-                self._settled.popitem(last=False)
-        return ended
-
-    def _queued_json(self, w: queue.Waiter, t: float) -> dict:
-        ranked = self._ranked(t)
-        position = next(i for i, x in enumerate(ranked) if x.id == w.id) + 1
-        return {"id": w.id, "state": "queued", "user": w.user, "session": w.session,
-                "request": w.request.to_json(), "label": w.label, "position": position, "of": len(ranked),
-                "eta_s": queue.eta_s(position, self._mean_hold_s, self._concurrent),
-                "queued_at": w.arrived, "wait_until": w.deadline,
-                "reserved": w.id == next((x.id for x in ranked), None) and bool(self._reserved)}
-
-    def watch(self, who: Principal, lease_id: str, on_change: Callable[[], None]) -> queue.Waiter | None:
-        """Subscribe ``on_change`` (called from any thread) to a queued request's grant or end.
-        Returns the waiter (the caller decrements ``polling`` when done), or None if not queued."""
-        with self._qlock:
-            w = self._waiters.get(lease_id)
-            if w is None:
-                return None
-            if w.user != who.name and not who.is_admin:
-                raise Forbidden(f"lease {lease_id} belongs to another user")
-            w.listeners.append(on_change)
-            w.polling += 1
-            w.last_seen = now()
-            return w
-
-    def unwatch(self, w: queue.Waiter, on_change: Callable[[], None]) -> None:
-        with self._qlock:
-            w.polling -= 1
-            w.last_seen = now()
-            if on_change in w.listeners:
-                w.listeners.remove(on_change)
-
-    def queue_view(self) -> dict:
-        """The queue in its order, for the admin: who waits for what, how long, and their usage."""
-        t = now()
-        with self._qlock:
-            ranked = self._ranked(t)
-            return {"time": t, "reserved_gpus": sorted(self._reserved), "entries": [
-                {"position": i + 1, "id": w.id, "user": w.user, "group": w.group or None, "priority": w.priority,
-                 "session": w.session, "label": w.label, "request": w.request.to_json(),
-                 "waited_s": round(t - w.arrived, 3), "wait_until": w.deadline,
-                 "usage_gpu_s": round(self.fair_share.usage(self._share_key(w.user, w.group), t), 3)}
-                for i, w in enumerate(ranked)]}
-
-    def _waiter_json(self, w: queue.Waiter, t: float) -> dict:
-        if w.state == "queued":
-            return self._queued_json(w, t)
-        if w.state == "granted":
-            return w.result
-        return {"id": w.id, "state": w.state, "user": w.user, "session": w.session,
-                "request": w.request.to_json(), "label": w.label, "end_reason": w.reason}
 
     # -- lease lifetime -------------------------------------------------------------------------
 
@@ -568,28 +345,6 @@ class Broker:
                 self.dispatch()
             return {"id": lease_id, "state": state, "ended_at": t, "end_reason": reason}
         return {"id": lease_id, "state": row.state, "ended_at": row.ended_at, "end_reason": row.end_reason}
-
-    def _ended(self, row, state: str, t: float) -> None:
-        """Account for a granted lease that just ended: fair-share usage, the hold-time estimate."""
-        self._ends_by.pop(row.id, None)
-        held = max(t - row.granted_at, 0.0)
-        gpus_n = json.loads(row.request).get("gpus") or 1
-        group = self.policy.group_of(row.user) or ""
-        self.fair_share.charge(self._share_key(row.user, group), held * row.fraction * gpus_n, t)
-        self._mean_hold_s = 0.9 * self._mean_hold_s + 0.1 * held
-        self.events.ended(state, held)
-
-    def _replay_usage(self, conn) -> None:
-        """Rebuild fair-share usage from leases that ended in the last few half-lives (a restart
-        must not make everyone equal again)."""
-        since = now() - 5 * self.settings.fair_share_half_life_s
-        rows = conn.execute(select(leases.c.user, leases.c.request, leases.c.fraction, leases.c.granted_at,
-                                   leases.c.ended_at).where(leases.c.ended_at >= since)
-                            .order_by(leases.c.ended_at)).all()
-        for r in rows:
-            n = json.loads(r.request).get("gpus") or 1
-            key = self._share_key(r.user, self.policy.group_of(r.user) or "")
-            self.fair_share.charge(key, max(r.ended_at - r.granted_at, 0) * r.fraction * n, r.ended_at)
 
     def get(self, who: Principal, lease_id: str) -> dict:
         with self._qlock:
@@ -698,28 +453,6 @@ def _page_json(r: dict) -> dict:
         "expires_at": r["expires_at"], "ended_at": r["ended_at"], "end_reason": r["end_reason"],
         "label": r["label"],
     }
-
-
-def _asks(request: SliceRequest, placement: scheduler.Placement) -> tuple[float, int]:
-    """What a placement takes from a quota: GPUs' worth of share, and bytes over all its GPUs."""
-    n = len(placement.gpus)
-    whole = request.or_default().gpus is not None
-    memory = sum(g.memory for g in placement.gpus) if whole else placement.memory_per_gpu * n
-    return placement.fraction_per_gpu * n, memory
-
-
-def _in_use(allocs) -> dict[str, Usage]:
-    """Per user, the share and memory its granted leases hold (from the allocation rows)."""
-    out: dict[str, Usage] = {}
-    for _gpu_id, memory, _lease, user, fraction in allocs:
-        u = out.setdefault(user, Usage())
-        u.share += fraction
-        u.memory += memory
-    return out
-
-
-def _gpu(r: dict) -> scheduler.GPU:
-    return scheduler.GPU(r["id"], r["agent_id"], r["idx"], r["model"], r["memory"], r["simulated"], r["pool"])
 
 
 def _device_json(r: dict) -> dict:

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from jupyter_gpu_attach.slices import format_size
+from jupyter_gpu_attach.slices import SliceRequest, format_size
 
+from . import scheduler
 from .site_tables import drains, quotas, users
 
 
@@ -108,3 +109,21 @@ class Policy:
     def never_fits(self, user: str, share: float, memory: int) -> Refusal | None:
         """A request larger than a quota even with nothing in use: waiting cannot help."""
         return self.check(user, share, memory, {})
+
+
+def asks(request: SliceRequest, placement: scheduler.Placement) -> tuple[float, int]:
+    """What a placement takes from a quota: GPUs' worth of share, and bytes over all its GPUs."""
+    n = len(placement.gpus)
+    whole = request.or_default().gpus is not None
+    memory = sum(g.memory for g in placement.gpus) if whole else placement.memory_per_gpu * n
+    return placement.fraction_per_gpu * n, memory
+
+
+def in_use(allocs) -> dict[str, Usage]:
+    """Per user, the share and memory its granted leases hold (from the allocation rows)."""
+    out: dict[str, Usage] = {}
+    for _gpu_id, memory, _lease, user, fraction in allocs:
+        u = out.setdefault(user, Usage())
+        u.share += fraction
+        u.memory += memory
+    return out
