@@ -195,7 +195,7 @@ def test_usage_report_and_metrics(site):
     ({"session": "s", "gpus": 0}, 422, "gpus"),
     ({"session": "s", "gpus": 10**9}, 422, "gpus"),
     ({"session": "s", "memory": "0GiB"}, 422, "memory"),
-    ({"session": "s", "memory": 2**61}, 422, "memory"),
+    ({"session": "s", "memory": 2**50 + 1}, 422, "memory"),
     ({"session": "s", "gpus": 1, "fraction": 0.5}, 422, "one of"),
     ({"session": "s", "gpus": 1, "colour": "red"}, 422, "colour"),
     ({"session": "s", "wait_s": -1}, 422, "wait_s"),

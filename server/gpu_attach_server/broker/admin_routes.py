@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from .admin import SiteAdmin
 from .auth import Principal, TokenBook
 from .core import LEASE_STATES, Broker
+from .models import MAX_BYTES
 from .schemas import errors
 
 _USER = r"^[A-Za-z0-9_.@-]{1,128}$"
@@ -49,7 +50,7 @@ class UserIn(_In):
 
 class QuotaIn(_In):
     max_share: Optional[float] = Field(None, ge=0, le=4096, description="GPUs' worth held at once (0.5 = half a GPU)")
-    max_memory: Optional[int] = Field(None, ge=0, le=2**60, description="bytes held at once, over all GPUs")
+    max_memory: Optional[int] = Field(None, ge=0, le=MAX_BYTES, description="bytes held at once, over all GPUs")
     max_lease_s: Optional[float] = Field(None, gt=0, le=30 * 86400, description="a lease is revoked this long after its grant")
 
 

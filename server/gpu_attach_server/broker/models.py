@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from jupyter_gpu_attach.slices import SliceRequest, parse_size
 
 _NAME = r"^[A-Za-z0-9_.:@-]{1,128}$"
+# Byte counts as integers stop at 1 PiB: exact in a double, so every JSON client agrees on the bound.
+MAX_BYTES = 2**50
 # A size the schema itself accepts only if parse_size does: 1 byte up to 999999.999 TiB (< 2**60).
 _SIZE = r"^\s*[1-9][0-9]{0,5}(\.[0-9]{1,3})?\s*([kKmMgGtT][iI]?)?[bB]?\s*$"
 
@@ -31,7 +33,7 @@ class LeaseRequest(_Strict):
     fraction: Optional[float] = Field(None, gt=0, le=1, description="share of one GPU")
     # Validated by _size (whose errors say how to write a size); the schema states the same rule.
     memory: Annotated[Optional[int | str], WithJsonSchema({"anyOf": [
-        {"type": "integer", "minimum": 1, "maximum": 2**60}, {"type": "string", "pattern": _SIZE},
+        {"type": "integer", "minimum": 1, "maximum": MAX_BYTES}, {"type": "string", "pattern": _SIZE},
         {"type": "null"}]})] = Field(
         None, description="bytes, or a size such as '8GiB' (KB/MB/GB/TB: powers of 1000; KiB/MiB/GiB/TiB: of 1024)")
     pool: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -48,7 +50,7 @@ class LeaseRequest(_Strict):
             return v
         if isinstance(v, str) and not re.match(_SIZE, v):
             raise ValueError(f"not a size: {v[:40]!r} (write it like 2GiB, 512MiB or 8GB, up to 6 digits)")
-        if isinstance(v, int) and not isinstance(v, bool) and v > 2**60:
+        if isinstance(v, int) and not isinstance(v, bool) and v > MAX_BYTES:
             raise ValueError(f"{v} bytes is larger than any GPU (write it like 2GiB, 512MiB or 8GB)")
         try:
             return parse_size(v)
