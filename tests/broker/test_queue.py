@@ -233,6 +233,8 @@ def test_a_watcher_is_told_of_its_grant(make):
     assert told == [True]
     got = b.get(who("bob"), q["id"])
     assert got["state"] == "granted" and got["token"]
+    b.release(who("bob"), q["id"])
+    assert b.get(who("bob"), q["id"])["state"] == "released"  # not the remembered grant
 
 
 # -- quotas ---------------------------------------------------------------------------------------

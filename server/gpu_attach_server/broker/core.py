@@ -347,14 +347,19 @@ class Broker(WaitingRoom, Accounting):
         return {"id": lease_id, "state": row.state, "ended_at": row.ended_at, "end_reason": row.end_reason}
 
     def get(self, who: Principal, lease_id: str) -> dict:
+        """A lease, or a queued request: its position while queued; the grant with its token once
+        granted from the queue (the waiting client learns it so), while the lease stays granted."""
         with self._qlock:
             w = self._waiters.get(lease_id) or self._settled.get(lease_id)
             if w is not None:
                 if w.user != who.name and not who.is_admin:
                     raise Forbidden(f"lease {lease_id} belongs to another user")
-                return self._waiter_json(w, now())
+                if w.state != "granted":
+                    return self._waiter_json(w, now())
         with self.store.read() as conn:
             row = self._owned(conn, who, lease_id)
+            if w is not None and row.state == "granted":
+                return w.result
             return self._lease_json(conn, row)
 
     def list_leases(self, who: Principal, state: str | None = None, session: str | None = None,
