@@ -26,8 +26,6 @@ from .store import Store, agents, gpus, lease_gpus, leases, now
 from .waiting import WaitingRoom
 
 LEASE_STATES = ("granted", "released", "expired", "revoked", "failed")
-#: What ``GET /v1/leases/{id}`` may also answer for a request that waited in the queue.
-QUEUE_STATES = ("queued",) + queue.QUEUE_ENDS
 
 
 @dataclass
