@@ -17,7 +17,6 @@ from typing import Any
 
 from jupyter_gpu_attach.slices import format_size, parse_size
 
-# (command words) -> (method, path template, columns for the table)
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 
 
