@@ -118,7 +118,8 @@ class BrokerClient:
                 if left <= 0:
                     raise NoCapacity(f"waited {wait_s:g} s in the queue for {request.describe()} and no GPU freed "
                                      "up; wait longer (--wait), ask for less, or try later", "timed_out")
-                lease = self._call("GET", f"/v1/leases/{lease['id']}", params={"wait": round(min(left, POLL_S), 3)})
+                poll = min(left, POLL_S, max(self.timeout * 0.66, 0.1))  # answered well within the HTTP timeout
+                lease = self._call("GET", f"/v1/leases/{lease['id']}", params={"wait": round(poll, 3)})
                 state = lease.get("state")
                 if state == "granted":
                     return lease
