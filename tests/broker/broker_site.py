@@ -46,11 +46,11 @@ class BrokerSite:
         self.procs.append(proc)
         wait_ready(proc, f"agent {name}")
 
-    def register_fake_agent(self, name: str, gpus: int, memory: int = 16 << 30) -> dict:
+    def register_fake_agent(self, name: str, gpus: int, memory: int = 16 << 30, pool: str = "default") -> dict:
         """Register GPUs without an agent process (no heartbeats: use a long --agent-timeout)."""
         with self.client("agent") as c:
             r = c.post("/v1/agents", json={"agent_id": name, "address": "127.0.0.1:1", "devices": [
-                {"index": i, "uuid": f"GPU-{name}-{i}", "model": "Sim", "memory": memory, "simulated": True}
+                {"index": i, "uuid": f"GPU-{name}-{i}", "model": "Sim", "memory": memory, "simulated": True, "pool": pool}
                 for i in range(gpus)]})
             r.raise_for_status()
             return r.json()

@@ -169,8 +169,17 @@ def test_tokens_made_by_the_admin_work_until_revoked(site):
 
 def test_usage_report_and_metrics(site):
     t0 = time.time()
-    with site.client("alice") as alice:
+    with site.client("alice") as alice, site.client("agent") as agent, site.client("admin") as admin:
         lease = alice.post("/v1/leases", json={"session": "u", "gpus": 1}).json()
+        incarnation = site.register_fake_agent("h2", 1, pool="beat")["incarnation"]
+        running = alice.post("/v1/leases", json={"session": "r", "gpus": 1, "pool": "beat"}).json()
+        beat = agent.post("/v1/agents/h2/heartbeat", json={"incarnation": incarnation, "running": [running["id"]]})
+        assert running["id"] in beat.json()["active"]
+        text = admin.get("/metrics").text
+        assert 'gpu_attach_gpu_running_cells{agent="h2",gpu="h2/0",pool="beat"} 1.0' in text
+        assert 'gpu_attach_gpu_running_cells{agent="h1",gpu="h1/0",pool="default"} 0.0' in text
+        assert 'gpu_attach_gpu_leases{agent="h1",gpu="h1/0",pool="default"} 1.0' in text  # held, not running
+        alice.delete(f"/v1/leases/{running['id']}")
         time.sleep(0.3)
         alice.delete(f"/v1/leases/{lease['id']}")
     with site.client("admin") as admin:
@@ -179,7 +188,7 @@ def test_usage_report_and_metrics(site):
         assert 0.25 < row["granted_gpu_s"] < 1.0
         assert row["busy_gpu_s"] == 0 and row["idle_share"] == 1.0  # no agent reported a cell running
         by_gpu = admin.get("/v1/admin/usage", params={"since": t0, "by": "gpu"}).json()["rows"]
-        assert {r["gpu"] for r in by_gpu} <= {"h1/0", "h1/1"}
+        assert {r["gpu"] for r in by_gpu} <= {"h1/0", "h1/1", "h2/0"}
         assert admin.get("/v1/admin/usage", params={"since": t0, "until": t0 - 5}).json()["rows"] == []
         text = admin.get("/metrics").text
     assert "gpu_attach_grants_total" in text
@@ -199,7 +208,7 @@ def test_usage_report_and_metrics(site):
     ({"session": "s", "gpus": 1, "fraction": 0.5}, 422, "one of"),
     ({"session": "s", "gpus": 1, "colour": "red"}, 422, "colour"),
     ({"session": "s", "wait_s": -1}, 422, "wait_s"),
-    ({"session": "s", "fraction": 0.5, "pool": "nowhere"}, 409, "pools with GPUs up: default"),
+    ({"session": "s", "fraction": 0.5, "pool": "nowhere"}, 409, "no GPU is up in pool 'nowhere' (pools with GPUs up:"),
     ({"session": "bad name!", "gpus": 1}, 422, "session"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_problem_and_change_nothing(site, body, status, names):

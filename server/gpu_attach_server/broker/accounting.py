@@ -32,6 +32,7 @@ class Accounting:
         t = now()
         last = self._last_beat.get(agent_id)
         self._last_beat[agent_id] = t
+        self.running[agent_id] = frozenset(running[:10000])
         if last is None or not running:
             return
         dt = min(t - last, 2 * self.settings.heartbeat_interval_s)

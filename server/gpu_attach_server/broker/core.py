@@ -65,6 +65,7 @@ class Broker(WaitingRoom, Accounting):
         self._ends_by: dict[str, float] = {}  # lease id -> when its max duration runs out
         self._busy: dict[str, float] = defaultdict(float)  # lease id -> cell seconds not yet stored
         self._last_beat: dict[str, float] = {}
+        self.running: dict[str, frozenset[str]] = {}  # agent id -> leases whose cell ran at its last beat
         self.fair_share = queue.FairShare(self.settings.fair_share_half_life_s)
         with self.store.read() as conn:
             self.policy = Policy.load(conn)

@@ -1,5 +1,5 @@
 """Prometheus ``/metrics``: grants, refusals by reason, the queue, waits, lease durations, and
-each GPU's allocated share.
+each GPU's allocated share, leases and running cells.
 
 Authenticated: the admin token, or a scrape-only token (``GPU_ATTACH_METRICS_TOKEN``) that can
 read the metrics and nothing else. Each app has its own registry, so two brokers in one process
@@ -57,12 +57,18 @@ class PoolCollector:
         share = GaugeMetricFamily("gpu_attach_gpu_allocated_share", "share of the GPU's memory held by leases",
                                   labels=["gpu", "pool", "agent"])
         leases = GaugeMetricFamily("gpu_attach_gpu_leases", "granted leases on the GPU", labels=["gpu", "pool", "agent"])
+        running = GaugeMetricFamily("gpu_attach_gpu_running_cells",
+                                    "leases on the GPU whose cell was running at the agent's last heartbeat "
+                                    "(held but idle = leases - running)", labels=["gpu", "pool", "agent"])
         for g in self.broker.pool()["gpus"]:
             labels = [g["id"], g["pool"], g["agent"]]
             share.add_metric(labels, g["used_share"])
             leases.add_metric(labels, len(g["leases"]))
+            ran = self.broker.running.get(g["agent"], frozenset())
+            running.add_metric(labels, sum(lid in ran for lid in g["leases"]))
         yield share
         yield leases
+        yield running
 
 
 def metrics_route(app: FastAPI, broker: Broker, who, metrics_token: str | None) -> None:
