@@ -110,8 +110,8 @@ def test_random_clients_keep_the_invariants(site):
 
     assert errors == []
     assert over == [], f"over-committed GPUs seen: {over[:3]}"
-    assert snapshots[0] > 50
-    assert len(granted) > 200, f"only {len(granted)} grants in {SECONDS:g} s"
+    assert snapshots[0] >= 10, "the checker hardly looked"
+    assert len(granted) > 100, f"only {len(granted)} grants in {SECONDS:g} s"
     assert queued, "no request ever waited: the test did not exercise the queue"
 
     admin = BrokerClient(site.url, TOKENS["admin"])
