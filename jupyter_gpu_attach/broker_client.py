@@ -6,11 +6,20 @@ import http.client
 import json
 import socket
 import threading
-from typing import Any
+import time
+from typing import Any, Callable
 from urllib.parse import urlencode, urlsplit
 
 from .errors import AuthError, BrokerUnreachable, GPUAttachError, LeaseLost, NoCapacity
 from .slices import SliceRequest
+
+
+#: How long a %%gpu cell waits in the queue unless told otherwise (``--wait``); the broker caps it.
+DEFAULT_WAIT_S = 600.0
+#: One long-poll's length: well under the HTTP timeout, so a silent broker is still noticed.
+POLL_S = 20.0
+
+QueuedCallback = Callable[[int, int, float], None]
 
 
 class BrokerClient:
@@ -76,7 +85,7 @@ class BrokerClient:
             raise AuthError(f"the broker at {self.url} refused the token: {detail}")
         if status == 403:
             raise AuthError(f"not allowed: {detail}")
-        if status == 409 and body.get("reason") in ("busy", "too_large"):
+        if status == 409 and body.get("reason") in ("busy", "too_large", "over_quota"):
             raise NoCapacity(str(detail), body["reason"])
         if status == 409 and "state" in body:
             raise LeaseLost(str(detail))
@@ -84,9 +93,46 @@ class BrokerClient:
             raise ValueError(_describe_422(detail))
         raise GPUAttachError(f"broker error {status} on {method} {path}: {detail}")
 
-    def request_lease(self, request: SliceRequest, session: str, label: str = "") -> dict:
+    def request_lease(self, request: SliceRequest, session: str, label: str = "", wait_s: float | None = None,
+                      on_queued: QueuedCallback | None = None) -> dict:
+        """Lease ``request``; the grant (with its token) once granted.
+
+        With ``wait_s`` > 0 a request the pool cannot meet now waits in the broker's queue for up to
+        that long: ``on_queued(position, of, eta_s)`` is called when it is queued and whenever the
+        broker reports again (at least every ``POLL_S``), and the grant arrives by long-poll the
+        moment it is made. Raises :class:`NoCapacity` (``reason`` busy, too_large, over_quota or
+        timed_out) when it cannot be had; an interrupt while waiting leaves the queue.
+        """
         body = dict(request.to_json(), session=session, label=label[:256])
-        return self._call("POST", "/v1/leases", body)
+        if wait_s:
+            body["wait_s"] = float(wait_s)
+        lease = self._call("POST", "/v1/leases", body)
+        if lease.get("state") != "queued":
+            return lease
+        deadline = time.monotonic() + float(wait_s)
+        try:
+            while True:
+                if on_queued is not None:
+                    on_queued(int(lease["position"]), int(lease["of"]), float(lease["eta_s"]))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NoCapacity(f"waited {wait_s:g} s in the queue for {request.describe()} and no GPU freed "
+                                     "up; wait longer (--wait), ask for less, or try later", "timed_out")
+                poll = min(left, POLL_S, max(self.timeout * 0.66, 0.1))  # answered well within the HTTP timeout
+                lease = self._call("GET", f"/v1/leases/{lease['id']}", params={"wait": round(poll, 3)})
+                state = lease.get("state")
+                if state == "granted":
+                    return lease
+                if state != "queued":
+                    raise NoCapacity(f"the queued request ended ({state}): {lease.get('end_reason', '')}",
+                                     "timed_out" if state == "timed_out" else "busy")
+        except BaseException:
+            if lease.get("state") == "queued":
+                try:  # leave the queue, so the GPU is not granted to a cell that is gone
+                    self.release(lease["id"])
+                except Exception:
+                    pass
+            raise
 
     def renew(self, lease_id: str) -> dict:
         return self._call("POST", f"/v1/leases/{lease_id}/renew")

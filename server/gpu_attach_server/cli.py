@@ -91,9 +91,17 @@ def _freeze_startup_objects() -> None:
 
 
 def _listen(host: str, port: int, fd: int | None) -> socket.socket:
-    if fd is not None:
-        return socket.socket(fileno=fd)
-    return socket.create_server((host, port), backlog=512)
+    """The listening socket, made so that asyncio sets TCP_NODELAY on every accepted connection.
+
+    asyncio sets TCP_NODELAY only on sockets whose ``proto`` is ``IPPROTO_TCP``, and
+    ``socket.create_server`` leaves ``proto`` 0, which accepted sockets inherit. Without it a
+    response on a kept-alive connection waits ~40 ms for the client's delayed ACK (Nagle).
+    Wrapping the file descriptor again makes Python ask the kernel, which answers IPPROTO_TCP
+    (``--fd`` always took this path, which is why only ``--port`` was slow).
+    """
+    if fd is None:
+        fd = socket.create_server((host, port), backlog=512).detach()
+    return socket.socket(fileno=fd)
 
 
 # -- broker -------------------------------------------------------------------------------------
@@ -168,8 +176,9 @@ def run_broker(args) -> int:
     store = Store(make_engine(args.db or str(state / "broker.sqlite")))
     signer = GrantSigner.from_file(args.key_file or state / "broker-ed25519.pem")
     settings = BrokerSettings(lease_ttl_s=args.lease_ttl, heartbeat_interval_s=args.heartbeat_interval,
-                              agent_timeout_s=args.agent_timeout)
-    app = create_app(Broker(store, signer, settings), book)
+                              agent_timeout_s=args.agent_timeout, max_wait_s=args.max_wait,
+                              fair_share_half_life_s=args.fair_share_half_life, fair_share_by=args.fair_share_by)
+    app = create_app(Broker(store, signer, settings), book, metrics_token=os.environ.get("GPU_ATTACH_METRICS_TOKEN"))
     sock = _listen(args.host, args.port, args.fd)
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
@@ -438,8 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--key-file", help="Ed25519 signing key, PEM (created if missing; default: STATE_DIR)")
     b.add_argument("--tokens-file", help='JSON {"admin": TOKEN, "agent": TOKEN, "users": {NAME: TOKEN}}')
     b.add_argument("--exit-with-parent", type=int, help=argparse.SUPPRESS)
+    b.add_argument("--max-wait", type=float, default=3600.0,
+                   help="longest a request may wait in the queue, in seconds (clients ask for less; default 3600)")
+    b.add_argument("--fair-share-half-life", type=float, default=3600.0,
+                   help="seconds after which past GPU use counts half when ordering the queue (default 3600)")
+    b.add_argument("--fair-share-by", choices=["user", "group"], default="user",
+                   help="whose decayed usage orders the queue within a priority class (default: user)")
     _timing_options(b)
     b.set_defaults(func=run_broker)
+
+    from .admin_cli import add_parser as add_admin_parser
+
+    add_admin_parser(sub)
 
     a = sub.add_parser("agent", help="run an agent on a GPU host")
     a.add_argument("--broker", default=os.environ.get("GPU_ATTACH_BROKER_URL"), required="GPU_ATTACH_BROKER_URL" not in os.environ,

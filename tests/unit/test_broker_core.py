@@ -341,7 +341,7 @@ def test_expired_lease_holds_no_capacity_and_is_reaped(tmp_path):
 
 def test_reap_leaves_live_leases_alone(broker):
     lease = broker.grant(ALICE, SliceRequest(fraction=0.5), "s")
-    assert broker.reap() == {"expired": [], "agents_down": [], "failed": []}
+    assert broker.reap() == {"expired": [], "revoked": [], "agents_down": [], "failed": [], "queue_ended": []}
     assert broker.get(ALICE, lease["id"])["state"] == "granted"
 
 

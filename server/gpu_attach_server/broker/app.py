@@ -6,16 +6,20 @@ any; agents only register and beat. Domain errors map to HTTP codes in one place
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import threading
 from contextlib import asynccontextmanager
 from typing import Annotated, Optional
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.openapi.utils import get_openapi
+from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
+from . import schemas
 from .auth import Principal, TokenBook
 from .core import LEASE_STATES, Broker, BrokerError
 from .models import AgentRegistration, Heartbeat, LeaseRequest
@@ -24,6 +28,9 @@ log = logging.getLogger("gpu_attach.broker")
 
 MAX_BODY_BYTES = 1024 * 1024
 LeaseId = Annotated[str, Path(pattern=r"^L[0-9a-f]{12}$")]
+CURSOR = r"^[0-9]{1,12}(\.[0-9]{1,20})?(e[+-]?[0-9]{1,3})?_L[0-9a-f]{12}$"
+#: The longest one long-poll holds a connection; clients poll again (the queue keeps their place).
+MAX_POLL_S = 60.0
 AgentId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:@-]{1,128}$")]
 
 
@@ -59,7 +66,8 @@ async def _too_large(send, limit):
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None = None) -> FastAPI:
+def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None = None,
+               metrics_token: str | None = None) -> FastAPI:
     stop = threading.Event()
 
     def reaper():
@@ -82,6 +90,8 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
 
     app = FastAPI(title="jupyter-gpu-attach broker", version=__version__, lifespan=lifespan)
     app.add_middleware(BodyLimit)
+    # The 413 of a body over the limit found while reading it (no Content-Length) is raised from
+    # inside the request; HTTPException carries it out as a 413, not a 500.
 
     @app.exception_handler(BrokerError)
     async def _domain_error(request: Request, exc: BrokerError):
@@ -117,62 +127,102 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
     # while handing it to the thread pool cost ~0.3 ms more per request. A deployment whose
     # database is far away (PostgreSQL over a network) should revisit this.
 
-    @app.get("/healthz")
+    E = schemas.errors
+
+    @app.get("/healthz", response_model=schemas.Health)
     async def healthz():
         return {"ok": True}
 
-    @app.get("/v1/whoami")
+    @app.get("/v1/whoami", response_model=schemas.Whoami, responses=E(401))
     async def whoami(who: Principal = Depends(principal)):
         return {"name": who.name, "role": who.role}
 
-    @app.post("/v1/leases", status_code=201)
+    @app.post("/v1/leases", status_code=201, responses={
+        201: {"model": schemas.Grant, "description": "granted now"},
+        202: {"model": schemas.Queued, "description": "queued (wait_s > 0): poll GET /v1/leases/{id}?wait=S"},
+        **E(401, 403, 409, 413, 422)})
     async def request_lease(body: LeaseRequest, who: Principal = Depends(user)):
-        return JSONResponse(broker.grant(who, body.slice(), body.session, body.label), status_code=201)
+        out = broker.grant(who, body.slice(), body.session, body.label, body.wait_s)
+        return JSONResponse(out, status_code=201 if out["state"] == "granted" else 202)
 
-    @app.get("/v1/leases")
+    @app.get("/v1/leases", responses={200: {"model": schemas.LeasePage}, **E(400, 401, 403, 422)})
     async def list_leases(
         who: Principal = Depends(user),
         state: Optional[str] = Query(None, pattern="^(" + "|".join(LEASE_STATES) + ")$"),
         session: Optional[str] = Query(None, max_length=128),
+        before: Optional[str] = Query(None, pattern=CURSOR, description="the previous page's `next`"),
         limit: int = Query(100, ge=1, le=1000),
     ):
-        return {"leases": broker.list_leases(who, state, session, limit)}
+        """The caller's leases (an admin's: everyone's), newest first, one page at a time. The page
+        is read and encoded on a worker thread, off the event loop that serves grants."""
+        body = await run_in_threadpool(
+            lambda: json.dumps(broker.lease_page(who, state, session, before, limit)).encode())
+        return Response(body, media_type="application/json")
 
-    @app.get("/v1/leases/{lease_id}")
-    async def get_lease(lease_id: LeaseId, who: Principal = Depends(user)):
-        return broker.get(who, lease_id)
+    @app.get("/v1/leases/{lease_id}", responses={
+        200: {"model": schemas.Grant | schemas.Queued | schemas.QueueEnded | schemas.LeaseInfo},
+        **E(401, 403, 404, 422)})
+    async def get_lease(lease_id: LeaseId, who: Principal = Depends(user),
+                        wait: float = Query(0.0, ge=0, le=MAX_POLL_S, description=(
+                            "for a queued request: answer as soon as it is granted or ends, or after "
+                            "this many seconds (long-poll)"))):
+        if wait > 0:
+            loop = asyncio.get_running_loop()
+            changed = loop.create_future()
 
-    @app.post("/v1/leases/{lease_id}/renew")
+            def wake():  # called from whichever thread granted or ended it
+                loop.call_soon_threadsafe(lambda: changed.done() or changed.set_result(None))
+
+            w = broker.watch(who, lease_id, wake)
+            if w is not None:
+                try:
+                    await asyncio.wait_for(changed, wait)
+                except asyncio.TimeoutError:
+                    pass
+                finally:
+                    broker.unwatch(w, wake)
+        return JSONResponse(broker.get(who, lease_id))
+
+    @app.post("/v1/leases/{lease_id}/renew", responses={200: {"model": schemas.Renewed}, **E(401, 403, 404, 409, 422)})
     async def renew_lease(lease_id: LeaseId, who: Principal = Depends(user)):
-        return broker.renew(who, lease_id)
+        return JSONResponse(broker.renew(who, lease_id))
 
-    @app.delete("/v1/leases/{lease_id}")
+    @app.delete("/v1/leases/{lease_id}", responses={200: {"model": schemas.Ended}, **E(401, 403, 404, 422)})
     async def release_lease(lease_id: LeaseId, who: Principal = Depends(user)):
         return JSONResponse(broker.release(who, lease_id))
 
-    @app.get("/v1/pool")
+    @app.get("/v1/pool", responses={200: {"model": schemas.Pool}, **E(401, 403)})
     async def pool(who: Principal = Depends(user)):
-        return broker.pool()
+        return JSONResponse(broker.pool())
 
     def acting_as(who: Principal, agent_id: str) -> None:
         if not who.may_act_as_agent(agent_id):
             raise HTTPException(403, f"this agent token belongs to agent {who.name!r}, not {agent_id!r}")
 
-    @app.post("/v1/agents", status_code=201)
+    @app.post("/v1/agents", status_code=201, responses={201: {"model": schemas.Registered}, **E(401, 403, 409, 413, 422)})
     async def register_agent(body: AgentRegistration, who: Principal = Depends(agent)):
         acting_as(who, body.agent_id)
         return broker.register_agent(body.agent_id, body.address, [d.model_dump() for d in body.devices], body.version)
 
-    @app.post("/v1/agents/{agent_id}/heartbeat")
+    @app.post("/v1/agents/{agent_id}/heartbeat", responses={200: {"model": schemas.HeartbeatReply}, **E(401, 403, 409, 422)})
     async def heartbeat(agent_id: AgentId, body: Heartbeat, who: Principal = Depends(agent)):
         acting_as(who, agent_id)
-        return broker.heartbeat(agent_id, body.incarnation)
+        answer = broker.heartbeat(agent_id, body.incarnation)
+        broker.record_busy(agent_id, body.running)  # usage accounting: which cells ran since the last beat
+        return answer
+
+    from .admin_routes import admin_router
+    from .metrics import metrics_route
+
+    app.include_router(admin_router(broker, tokens, _who))
+    metrics_route(app, broker, _who, metrics_token)
 
     def openapi():
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
             schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             schema["security"] = [{"bearer": []}]
+            schema["paths"]["/healthz"]["get"]["security"] = []  # the one route without a token
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 USER_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
 
@@ -44,6 +45,9 @@ class TokenBook:
     def __init__(self, users: dict[str, str] | None = None, admin_token: str | None = None,
                  agent_token: str | None = None, agents: dict[str, str] | None = None):
         self._by_digest: dict[bytes, Principal] = {}
+        # Tokens an admin created through the API (stored hashed in the database): looked up
+        # by digest when a token is not one of those configured at start.
+        self.fallback: Callable[[bytes], Principal | None] | None = None
         for name, token in (users or {}).items():
             self.add(token, Principal(name, "user"))
         if admin_token:
@@ -61,7 +65,15 @@ class TokenBook:
         self._by_digest[_digest(token)] = who
 
     def lookup(self, token: str) -> Principal | None:
-        return self._by_digest.get(_digest(token))
+        digest = _digest(token)
+        who = self._by_digest.get(digest)
+        if who is None and self.fallback is not None:
+            who = self.fallback(digest)
+        return who
+
+    def names(self, role: str) -> set[str]:
+        """The names configured at start with ``role`` (environment or tokens file)."""
+        return {p.name for p in self._by_digest.values() if p.role == role}
 
 
 def parse_user_tokens(text: str) -> dict[str, str]:

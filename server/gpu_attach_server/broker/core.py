@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections import OrderedDict
+import threading
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,42 +17,15 @@ from sqlalchemy import and_, insert, select, update
 from jupyter_gpu_attach.slices import SliceRequest
 
 from ..grant_tokens import GrantSigner
-from . import scheduler
+from . import queue, scheduler
+from .accounting import Accounting, BrokerEvents
 from .auth import Principal
+from .errors import BrokerError, Conflict, Forbidden, NoCapacity, NotFound, OverQuota  # noqa: F401 (re-exported)
+from .quotas import Policy, asks, in_use
 from .store import Store, agents, gpus, lease_gpus, leases, now
+from .waiting import WaitingRoom
 
 LEASE_STATES = ("granted", "released", "expired", "revoked", "failed")
-
-
-class BrokerError(Exception):
-    status = 400
-    reason = "bad_request"
-
-    def __init__(self, message: str, **extra: Any):
-        super().__init__(message)
-        self.extra = extra
-
-
-class NotFound(BrokerError):
-    status, reason = 404, "not_found"
-
-
-class Forbidden(BrokerError):
-    status, reason = 403, "forbidden"
-
-
-class Conflict(BrokerError):
-    status, reason = 409, "conflict"
-
-
-class NoCapacity(BrokerError):
-    """No GPU can take the request now (``busy``) or ever (``too_large``)."""
-
-    status = 409
-
-    def __init__(self, message: str, never: bool):
-        super().__init__(message)
-        self.reason = "too_large" if never else "busy"
 
 
 @dataclass
@@ -60,9 +34,17 @@ class BrokerSettings:
     heartbeat_interval_s: float = 2.0
     # An agent that has not beaten for this long is down and its leases fail.
     agent_timeout_s: float = 10.0
+    # The longest a request may wait in the queue (clients ask for less with wait_s).
+    max_wait_s: float = 3600.0
+    # A queued request whose client has not polled for this long is dropped (its kernel is gone).
+    queue_abandon_s: float = 30.0
+    # Fair share: recent GPU-seconds count half after this long.
+    fair_share_half_life_s: float = 3600.0
+    # "user" or "group": whose decayed usage orders the queue within a priority class.
+    fair_share_by: str = "user"
 
 
-class Broker:
+class Broker(WaitingRoom, Accounting):
     def __init__(self, store: Store, signer: GrantSigner, settings: BrokerSettings | None = None):
         self.store = store
         self.signer = signer
@@ -70,6 +52,24 @@ class Broker:
         # Which GPUs each (user, session) used last: a placement hint, so a session's next cell
         # lands where its sandbox is warm. Only a hint, so it lives in memory, per replica.
         self._affinity: OrderedDict[tuple[str, str], frozenset[str]] = OrderedDict()
+        self.events: BrokerEvents = BrokerEvents()
+        # The queue lives in this process: one broker replica orders its own waiters. Grants
+        # themselves stay serialised by the store, across replicas too.
+        self._qlock = threading.RLock()
+        self._waiters: dict[str, queue.Waiter] = {}
+        self._settled: OrderedDict[str, queue.Waiter] = OrderedDict()  # recently settled, for polls
+        self._seq = 0
+        self._reserved: frozenset[str] = frozenset()
+        self._concurrent = 0  # granted leases at the last dispatch, for the wait estimate
+        self._mean_hold_s = self.settings.lease_ttl_s
+        self._ends_by: dict[str, float] = {}  # lease id -> when its max duration runs out
+        self._busy: dict[str, float] = defaultdict(float)  # lease id -> cell seconds not yet stored
+        self._last_beat: dict[str, float] = {}
+        self.running: dict[str, frozenset[str]] = {}  # agent id -> leases whose cell ran at its last beat
+        self.fair_share = queue.FairShare(self.settings.fair_share_half_life_s)
+        with self.store.read() as conn:
+            self.policy = Policy.load(conn)
+            self._replay_usage(conn)
 
     def _remember(self, user: str, session: str, gpu_ids: frozenset[str]) -> None:
         key = (user, session)
@@ -134,9 +134,19 @@ class Broker:
         return {"active": {r.id: r.expires_at for r in active}}
 
     def reap(self) -> dict[str, list[str]]:
-        """Expire leases past their TTL and take down agents that stopped beating."""
+        """Expire leases past their TTL, revoke those past their maximum duration, take down agents
+        that stopped beating, drop queued requests whose wait ran out; then grant what fits."""
         t = now()
         with self.store.write() as conn:
+            over = [lid for lid, bound in self._ends_by.items() if bound <= t]
+            revoked = []
+            for lid in over:
+                row = self.store.lease_row(conn, lid)
+                if row is not None and self.store.end_lease(
+                        conn, lid, "revoked", self._max_duration_reason(row.user, self._ends_by[lid] - row.granted_at), t):
+                    revoked.append(lid)
+                else:
+                    self._ends_by.pop(lid, None)
             expired = self.store.end_leases(conn, leases.c.expires_at < t, "expired", "not renewed before its TTL", t)
             dead = [r[0] for r in conn.execute(select(agents.c.id).where(
                 and_(agents.c.state == "up", agents.c.last_heartbeat < t - self.settings.agent_timeout_s)))]
@@ -146,61 +156,150 @@ class Broker:
                 failed = self.store.end_leases(
                     conn, leases.c.agent_id.in_(dead), "failed",
                     f"agent stopped sending heartbeats for {self.settings.agent_timeout_s:g} s", t)
-        return {"expired": expired, "agents_down": dead, "failed": failed}
+            ended = {"revoked": revoked, "expired": expired, "failed": failed}
+            rows = {lid: (state, self.store.lease_row(conn, lid)) for state, ids in ended.items() for lid in ids}
+            self._flush_busy(conn)
+        for state, row in rows.values():
+            self._ended(row, state, t)
+        timed_out = self._expire_waiters(t)
+        self.dispatch()
+        return {"expired": expired, "revoked": revoked, "agents_down": dead, "failed": failed, "queue_ended": timed_out}
+
+    def reload_policy(self) -> None:
+        """Read users, quotas and drains again (after an admin change, here or on another replica)."""
+        with self.store.read() as conn:
+            policy = Policy.load(conn)
+        with self._qlock:
+            self.policy = policy
 
     # -- leases ---------------------------------------------------------------------------------
 
-    def grant(self, who: Principal, request: SliceRequest, session: str, label: str = "") -> dict:
-        """Place ``request`` and record the lease, or raise :class:`NoCapacity` with the reason."""
+    def grant(self, who: Principal, request: SliceRequest, session: str, label: str = "",
+              wait_s: float = 0.0) -> dict:
+        """Place ``request`` and record the lease; or, when it cannot be met now and ``wait_s`` > 0,
+        queue it (answer ``state: queued`` with its position); or raise :class:`NoCapacity` /
+        :class:`OverQuota` with the reason."""
         t = now()
-        ttl = self.settings.lease_ttl_s
+        wait_s = min(max(wait_s, 0.0), self.settings.max_wait_s)
+        with self._qlock:
+            if not self._waiters:  # the common case: nobody waits, so nobody can be overtaken
+                try:
+                    record = self._grant_now(who.name, request, session, label, t)
+                except NoCapacity as e:
+                    if e.reason != "busy" or wait_s <= 0:
+                        self.events.refused(e.reason)
+                        raise
+                else:
+                    self.events.granted(0.0)
+                    return self._grant_json(record)
+            w = self._enqueue(who.name, request, session, label, t, wait_s)
+            self._dispatch(fresh=w.id)
+            if w.state == "granted":
+                return w.result
+            if w.state == "refused":
+                self.events.refused(w.reason_code)
+                raise OverQuota(w.refusal) if w.refusal else NoCapacity(w.reason, never=True)
+            if wait_s <= 0:
+                self._waiters.pop(w.id, None)
+                self.events.refused("busy")
+                raise NoCapacity(f"no GPU can take {request.describe()} now and {len(self._waiters)} request(s) "
+                                 "wait in the queue; pass wait_s to wait your turn", never=False)
+            return self._queued_json(w, t)
+
+    def _grant_now(self, user: str, request: SliceRequest, session: str, label: str, t: float) -> dict:
         with self.store.hot() as conn:
             self.store.lock_gpus(conn)
-            up = self.store.gpus_up(conn)
+            up = self._up(conn)
             allocs = self.store.active_allocations(conn, t)
             try:
                 placement = scheduler.place(
-                    request,
-                    [_gpu(r) for r in up],
-                    [scheduler.Allocation(gpu_id, memory) for gpu_id, memory, _ in allocs],
-                    prefer_gpu_ids=self._affinity.get((who.name, session), frozenset()),
-                )
+                    request, [scheduler.gpu_from_row(r) for r in up],
+                    [scheduler.Allocation(a[0], a[1]) for a in allocs],
+                    prefer_gpu_ids=self._affinity.get((user, session), frozenset()))
             except scheduler.NoFit as e:
+                if e.never and self.policy.drained and self._fits_undrained(conn, request):
+                    raise NoCapacity(f"{e} while GPUs are drained by an admin; wait, or ask them to undrain",
+                                     never=False) from None
                 raise NoCapacity(str(e), e.never) from None
-            first = next(r for r in up if r["id"] == placement.gpus[0].id)
-            lease_id = "L" + secrets.token_hex(6)
-            whole = request.or_default().gpus is not None
-            self.store.insert_lease(conn, dict(
-                id=lease_id, user=who.name, session=session, state="granted",
-                request=json.dumps(request.to_json()), agent_id=first["agent_id"],
-                agent_incarnation=first["incarnation"], fraction=placement.fraction_per_gpu,
-                created_at=t, granted_at=t, expires_at=t + ttl, ended_at=None, end_reason=None,
-                label=label[:256]),
-                [(g.id, g.memory if whole else placement.memory_per_gpu) for g in placement.gpus])
-        self._remember(who.name, session, frozenset(g.id for g in placement.gpus))
+            if self.policy.quotas:
+                refusal = self.policy.check(user, *asks(request, placement), in_use(allocs))
+                if refusal:
+                    self.events.refused("over_quota")
+                    raise OverQuota(refusal)
+            return self._record(conn, up, user, session, label, request, placement, t, "L" + secrets.token_hex(6))
+
+    def _record(self, conn, up, user, session, label, request, placement, t, lease_id) -> dict:
+        """Insert a granted lease (inside the caller's grant transaction); what signing it needs."""
+        first = next(r for r in up if r["id"] == placement.gpus[0].id)
+        expires = t + self.settings.lease_ttl_s
+        bound = self.policy.max_lease_s(user)
+        if bound:
+            self._ends_by[lease_id] = t + bound
+            expires = min(expires, t + bound)
+        whole = request.or_default().gpus is not None
+        self.store.insert_lease(conn, dict(
+            id=lease_id, user=user, session=session, state="granted",
+            request=json.dumps(request.to_json()), agent_id=first["agent_id"],
+            agent_incarnation=first["incarnation"], fraction=placement.fraction_per_gpu,
+            created_at=t, granted_at=t, expires_at=expires, ended_at=None, end_reason=None,
+            label=label[:256]),
+            [(g.id, g.memory if whole else placement.memory_per_gpu) for g in placement.gpus])
+        self._remember(user, session, frozenset(g.id for g in placement.gpus))
         devices = [_device_json(next(r for r in up if r["id"] == g.id)) for g in placement.gpus]
+        return dict(id=lease_id, user=user, session=session, first=first, devices=devices,
+                    placement=placement, granted_at=t, expires_at=expires)
+
+    def _grant_json(self, rec: dict) -> dict:
+        first, devices, placement = rec["first"], rec["devices"], rec["placement"]
         memory = placement.memory_per_gpu
-        token = self._sign(lease_id, who.name, session, first["agent_id"], devices, memory, t + ttl)
+        token = self._sign(rec["id"], rec["user"], rec["session"], first["agent_id"], devices, memory,
+                           rec["expires_at"])
         return {
-            "id": lease_id, "state": "granted", "user": who.name, "session": session,
+            "id": rec["id"], "state": "granted", "user": rec["user"], "session": rec["session"],
             "agent": {"id": first["agent_id"], "address": first["address"]},
             "gpus": devices, "memory_per_gpu": memory, "fraction": placement.fraction_per_gpu,
             "simulated": all(d["simulated"] for d in devices),
-            "granted_at": t, "expires_at": t + ttl, "ttl_s": ttl, "token": token,
+            "granted_at": rec["granted_at"], "expires_at": rec["expires_at"], "ttl_s": self.settings.lease_ttl_s,
+            "token": token,
         }
+
+    def _fits_undrained(self, conn, request: SliceRequest) -> bool:
+        try:
+            scheduler.place(request, [scheduler.gpu_from_row(r) for r in self.store.gpus_up(conn)], [])
+            return True
+        except scheduler.NoFit:
+            return False
+
+    def _up(self, conn) -> list[dict[str, Any]]:
+        """GPUs that may take new grants: present, on an agent that is up, and not drained."""
+        up = self.store.gpus_up(conn)
+        drained = self.policy.drained
+        return [r for r in up if r["id"] not in drained and r["agent_id"] not in drained] if drained else up
+
+    # -- lease lifetime -------------------------------------------------------------------------
 
     def renew(self, who: Principal, lease_id: str) -> dict:
         """Extend a granted lease by its TTL and sign a fresh grant token; an ended or late lease
-        stays ended (a late one is recorded as expired)."""
+        stays ended (a late one is recorded as expired). A lease at its quota's maximum duration
+        is revoked."""
         t = now()
         expires = t + self.settings.lease_ttl_s
+        revoked = None
         with self.store.write() as conn:
             row = self._owned(conn, who, lease_id)
+            bound = self._ends_by.get(lease_id)
+            if bound is None and row.state == "granted" and self.policy.max_lease_s(row.user):
+                bound = row.granted_at + self.policy.max_lease_s(row.user)
+            if bound is not None and row.state == "granted" and t >= bound:
+                revoked = self._max_duration_reason(row.user, bound - row.granted_at)
+                self.store.end_lease(conn, lease_id, "revoked", revoked, t)
+            if bound is not None:
+                expires = min(expires, bound)
             # One conditional update decides, so a release or the reaper in between cannot be undone.
-            renewed = conn.execute(update(leases).where(and_(
+            renewed = 0 if revoked else conn.execute(update(leases).where(and_(
                 leases.c.id == lease_id, leases.c.state == "granted", leases.c.expires_at >= t,
             )).values(expires_at=expires)).rowcount
-            if not renewed and row.state == "granted":
+            if not renewed and not revoked and row.state == "granted":
                 self.store.end_lease(conn, lease_id, "expired", "not renewed before its TTL", t)
             if renewed:
                 devices = [_device_json(dict(r._mapping)) for r in conn.execute(
@@ -208,38 +307,79 @@ class Broker:
                     .where(lease_gpus.c.lease_id == lease_id).order_by(gpus.c.idx))]
                 memory = conn.execute(select(lease_gpus.c.memory).where(lease_gpus.c.lease_id == lease_id)).scalar()
         if not renewed:
+            if row.state == "granted":
+                self._ended(row, "revoked" if revoked else "expired", t)
+                self.dispatch()
+            if revoked:
+                raise Conflict(f"lease {lease_id} was revoked: {revoked}", state="revoked")
             if row.state != "granted":
                 raise Conflict(f"lease {lease_id} is {row.state} ({row.end_reason}); request a new one", state=row.state)
             raise Conflict(f"lease {lease_id} expired before it was renewed; request a new one", state="expired")
         token = self._sign(lease_id, row.user, row.session, row.agent_id, devices, memory, expires)
         return {"id": lease_id, "state": "granted", "expires_at": expires, "token": token}
 
-    def release(self, who: Principal, lease_id: str, reason: str = "released by its owner") -> dict:
-        """End a lease and free its slice at once. Releasing an ended lease changes nothing."""
+    @staticmethod
+    def _max_duration_reason(user: str, limit_s: float) -> str:
+        return (f"it reached the maximum lease duration of {limit_s:g} s set by the quota for {user!r}; "
+                "split the work into shorter cells, or ask an admin for a longer limit")
+
+    def release(self, who: Principal, lease_id: str, reason: str = "released by its owner",
+                state: str = "released") -> dict:
+        """End a lease and free its slice at once (a queued one leaves the queue). Releasing an
+        ended lease changes nothing."""
         t = now()
+        with self._qlock:
+            w = self._waiters.get(lease_id)
+            if w is not None:
+                if w.user != who.name and not who.is_admin:
+                    raise Forbidden(f"lease {lease_id} belongs to another user")
+                self._settle(w, "cancelled", reason=reason[:256])
+                return {"id": lease_id, "state": "cancelled", "ended_at": t, "end_reason": w.reason}
         with self.store.hot() as conn:
             row = self._owned(conn, who, lease_id)
-            if self.store.end_lease(conn, lease_id, "released", reason[:256], t):
-                return {"id": lease_id, "state": "released", "ended_at": t, "end_reason": reason}
+            ended = self.store.end_lease(conn, lease_id, state, reason[:256], t)
+        if ended:
+            self._ended(row, state, t)
+            if self._waiters:
+                self.dispatch()
+            return {"id": lease_id, "state": state, "ended_at": t, "end_reason": reason}
         return {"id": lease_id, "state": row.state, "ended_at": row.ended_at, "end_reason": row.end_reason}
 
     def get(self, who: Principal, lease_id: str) -> dict:
+        """A lease, or a queued request: its position while queued; the grant with its token once
+        granted from the queue (the waiting client learns it so), while the lease stays granted."""
+        with self._qlock:
+            w = self._waiters.get(lease_id) or self._settled.get(lease_id)
+            if w is not None:
+                if w.user != who.name and not who.is_admin:
+                    raise Forbidden(f"lease {lease_id} belongs to another user")
+                if w.state != "granted":
+                    return self._waiter_json(w, now())
         with self.store.read() as conn:
             row = self._owned(conn, who, lease_id)
+            if w is not None and row.state == "granted":
+                return w.result
             return self._lease_json(conn, row)
 
     def list_leases(self, who: Principal, state: str | None = None, session: str | None = None,
                     limit: int = 100) -> list[dict]:
         """The caller's leases, newest first; an admin sees everyone's."""
-        q = select(leases).order_by(leases.c.created_at.desc()).limit(limit)
-        if not who.is_admin:
-            q = q.where(leases.c.user == who.name)
-        if state:
-            q = q.where(leases.c.state == state)
-        if session:
-            q = q.where(leases.c.session == session)
+        return self.lease_page(who, state, session, limit=limit)["leases"]
+
+    def lease_page(self, who: Principal, state: str | None = None, session: str | None = None,
+                   before: str | None = None, limit: int = 100, user: str | None = None) -> dict:
+        """One page of the caller's leases (an admin's: everyone's, or ``user``'s), newest first.
+
+        ``next`` is the cursor for the following page (pass it as ``before``), or None at the end.
+        One statement per page, on a reader connection, so it never waits for or holds up a grant.
+        """
+        owner = user if who.is_admin else who.name
+        cursor = parse_cursor(before) if before else None
         with self.store.read() as conn:
-            return [self._lease_json(conn, r) for r in conn.execute(q).all()]
+            rows = self.store.lease_page(conn, owner, state, session, cursor, limit)
+        out = [_page_json(r) for r in rows]
+        nxt = f"{rows[-1]['created_at']!r}_{rows[-1]['id']}" if len(rows) == limit else None
+        return {"leases": out, "next": nxt}
 
     def pool(self) -> dict:
         """Every GPU with its free and used share, and each agent's state."""
@@ -300,8 +440,23 @@ class Broker:
 
 
 
-def _gpu(r: dict) -> scheduler.GPU:
-    return scheduler.GPU(r["id"], r["agent_id"], r["idx"], r["model"], r["memory"], r["simulated"], r["pool"])
+def parse_cursor(text: str) -> tuple[float, str]:
+    """``"<created_at>_<lease id>"`` (the ``next`` of a page) -> ``(created_at, id)``."""
+    stamp, sep, lease_id = text.partition("_")
+    try:
+        return float(stamp), lease_id
+    except ValueError:
+        raise BrokerError(f"cursor {text!r} is not one this broker gave out: pass a page's 'next' unchanged") from None
+
+
+def _page_json(r: dict) -> dict:
+    return {
+        "id": r["id"], "state": r["state"], "user": r["user"], "session": r["session"],
+        "request": json.loads(r["request"]), "agent_id": r["agent_id"], "gpus": r["gpus"],
+        "memory_per_gpu": r["memory_per_gpu"], "fraction": r["fraction"], "granted_at": r["granted_at"],
+        "expires_at": r["expires_at"], "ended_at": r["ended_at"], "end_reason": r["end_reason"],
+        "label": r["label"],
+    }
 
 
 def _device_json(r: dict) -> dict:

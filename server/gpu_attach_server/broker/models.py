@@ -2,32 +2,56 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import re
+from typing import Annotated, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from jupyter_gpu_attach.slices import SliceRequest, parse_size
 
 _NAME = r"^[A-Za-z0-9_.:@-]{1,128}$"
+# Byte counts as integers stop at 1 PiB: exact in a double, so every JSON client agrees on the bound.
+MAX_BYTES = 2**50
+# A size the schema itself accepts only if parse_size does: 1 byte up to 999999.999 TiB (< 2**60).
+_SIZE = r"^\s*[1-9][0-9]{0,5}(\.[0-9]{1,3})?\s*([kKmMgGtT][iI]?)?[bB]?\s*$"
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Exactly one size may be named; said in the schema too, so generated clients know it.
+_ONE_SIZE = {"not": {"anyOf": [
+    {"required": list(pair), "properties": {k: {"not": {"type": "null"}} for k in pair}}
+    for pair in (("gpus", "fraction"), ("gpus", "memory"), ("fraction", "memory"))]}}
+
+
 class LeaseRequest(_Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_SIZE)
+
     gpus: Optional[int] = Field(None, ge=1, le=64, description="whole GPUs on one host")
     fraction: Optional[float] = Field(None, gt=0, le=1, description="share of one GPU")
-    memory: Optional[int | str] = Field(None, description="bytes, or a size such as '8GiB'")
+    # Validated by _size (whose errors say how to write a size); the schema states the same rule.
+    memory: Annotated[Optional[int | str], WithJsonSchema({"anyOf": [
+        {"type": "integer", "minimum": 1, "maximum": MAX_BYTES}, {"type": "string", "pattern": _SIZE},
+        {"type": "null"}]})] = Field(
+        None, description="bytes, or a size such as '8GiB' (KB/MB/GB/TB: powers of 1000; KiB/MiB/GiB/TiB: of 1024)")
     pool: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     session: str = Field(..., pattern=_NAME, description="the notebook session asking")
     label: str = Field("", max_length=256, description="free text shown in listings, e.g. the cell")
+    wait_s: float = Field(0.0, ge=0, le=86400, description=(
+        "seconds the request may wait in the queue if no GPU can take it now (0: refuse at once "
+        "with 409). A queued request answers 202; poll GET /v1/leases/{id}?wait=S for the grant"))
 
     @field_validator("memory")
     @classmethod
     def _size(cls, v):
         if v is None:
             return v
+        if isinstance(v, str) and not re.match(_SIZE, v):
+            raise ValueError(f"not a size: {v[:40]!r} (write it like 2GiB, 512MiB or 8GB, up to 6 digits)")
+        if isinstance(v, int) and not isinstance(v, bool) and v > MAX_BYTES:
+            raise ValueError(f"{v} bytes is larger than any GPU (write it like 2GiB, 512MiB or 8GB)")
         try:
             return parse_size(v)
         except ValueError as e:

@@ -116,3 +116,8 @@ def _place_whole(n: int, gpus: list[GPU], free: dict[str, int], prefer: frozense
         raise NoFit(f"no host{where} has {n} idle GPU{'s' if n > 1 else ''} now (most idle on one host: {idle_total})", never=False)
     chosen = min(options)[3]
     return Placement(tuple(sorted(chosen, key=lambda g: g.index)), chosen[0].memory, 1.0)
+
+
+def gpu_from_row(r: dict) -> GPU:
+    """A GPU from a ``gpus`` row joined as in ``Store.gpus_up``."""
+    return GPU(r["id"], r["agent_id"], r["idx"], r["model"], r["memory"], r["simulated"], r["pool"])

@@ -21,6 +21,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     BigInteger,
+    Index,
     MetaData,
     String,
     Table,
@@ -90,6 +91,13 @@ lease_gpus = Table(
 )
 
 
+# Listings page newest first by (created_at, id): these make a page cost O(page), not O(table).
+LISTING_INDEXES = (
+    Index("ix_leases_created", leases.c.created_at, leases.c.id),
+    Index("ix_leases_user_created", leases.c.user, leases.c.created_at, leases.c.id),
+)
+
+
 def make_engine(url_or_path: str) -> Engine:
     """An engine for a SQLAlchemy URL, or a SQLite file path (WAL, busy timeout, immediate writes)."""
     url = url_or_path if "://" in url_or_path else f"sqlite:///{Path(url_or_path).expanduser()}"
@@ -132,6 +140,8 @@ class Store:
         self._sql_cache: dict[str, str] = {}
         self._hot_db = None
         metadata.create_all(engine)
+        for index in LISTING_INDEXES:  # a database made before these indexes existed gets them now
+            index.create(engine, checkfirst=True)
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
@@ -207,9 +217,9 @@ class Store:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r)) for r in cur.fetchall()]
 
-    def active_allocations(self, conn: Connection, at: float) -> list[tuple[str, int, str]]:
-        """``(gpu_id, memory, lease_id)`` held by granted leases; a lease past its expiry holds
-        nothing, even before the reaper ends it."""
+    def active_allocations(self, conn: Connection, at: float) -> list[tuple[str, int, str, str, float]]:
+        """``(gpu_id, memory, lease_id, user, fraction)`` held by granted leases; a lease past its
+        expiry holds nothing, even before the reaper ends it."""
         return self._run(conn, _ACTIVE_ALLOCATIONS, (True, at)).fetchall()
 
     def insert_lease(self, conn: Connection, lease: dict[str, Any], slots: list[tuple[str, int]]) -> None:
@@ -228,6 +238,39 @@ class Store:
             self._run(conn, _FREE_ONE, (False, lease_id))
         return bool(n)
 
+    def lease_page(self, conn, user: str | None, state: str | None, session: str | None,
+                   before: tuple[float, str] | None, limit: int) -> list[dict[str, Any]]:
+        """One page of leases, newest first, strictly older than ``before`` (keyset paging), each
+        with its GPU ids: one statement whatever the page size, so a listing costs O(page)."""
+        where, params = [], []
+        if user is not None:
+            where.append('"user" = ?')
+            params.append(user)
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        if session is not None:
+            where.append("session = ?")
+            params.append(session)
+        if before is not None:
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params += [before[0], before[0], before[1]]
+        sql = (f"SELECT {_LEASE_SELECT_L}, lg.gpu_id, lg.memory FROM "
+               f"(SELECT * FROM leases {'WHERE ' + ' AND '.join(where) if where else ''} "
+               "ORDER BY created_at DESC, id DESC LIMIT ?) l "
+               "LEFT JOIN lease_gpus lg ON lg.lease_id = l.id ORDER BY l.created_at DESC, l.id DESC, lg.gpu_id")
+        out: list[dict[str, Any]] = []
+        for r in self._run(conn, sql, (*params, limit)).fetchall():
+            if not out or out[-1]["id"] != r[0]:
+                lease = dict(zip(_LEASE_COLUMNS, r[:len(_LEASE_COLUMNS)]))
+                lease["gpus"], lease["memory_per_gpu"] = [], 0
+                out.append(lease)
+            gpu_id, memory = r[len(_LEASE_COLUMNS):]
+            if gpu_id is not None:
+                out[-1]["gpus"].append(gpu_id)
+                out[-1]["memory_per_gpu"] = memory
+        return out
+
     @staticmethod
     def end_leases(conn: Connection, where, state: str, reason: str, now: float) -> list[str]:
         """Move every granted lease matching ``where`` to ``state`` and free its GPUs."""
@@ -244,12 +287,13 @@ class Store:
 _LEASE_COLUMNS = ("id", "user", "session", "state", "request", "agent_id", "agent_incarnation", "fraction",
                   "created_at", "granted_at", "expires_at", "ended_at", "end_reason", "label")
 _LEASE_SELECT = ", ".join(f'"{c}"' for c in _LEASE_COLUMNS)
+_LEASE_SELECT_L = ", ".join(f'l."{c}"' for c in _LEASE_COLUMNS)
 _GPUS_UP = (
     "SELECT g.id, g.agent_id, g.idx, g.uuid, g.model, g.memory, g.simulated, g.pool, a.address, a.incarnation "
     "FROM gpus g JOIN agents a ON a.id = g.agent_id WHERE g.present = ? AND a.state = ? ORDER BY g.id"
 )
 _ACTIVE_ALLOCATIONS = (
-    "SELECT lg.gpu_id, lg.memory, lg.lease_id FROM lease_gpus lg JOIN leases l ON l.id = lg.lease_id "
+    'SELECT lg.gpu_id, lg.memory, lg.lease_id, l."user", l.fraction FROM lease_gpus lg JOIN leases l ON l.id = lg.lease_id '
     "WHERE lg.active = ? AND l.expires_at >= ?"
 )
 _INSERT_LEASE = f"INSERT INTO leases ({_LEASE_SELECT}) VALUES ({', '.join('?' * len(_LEASE_COLUMNS))})"
@@ -278,3 +322,4 @@ class LeaseRow(NamedTuple):
 
 def now() -> float:
     return time.time()
+from . import site_tables  # noqa: E402,F401  (registers the policy tables before create_all)

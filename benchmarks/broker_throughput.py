@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Broker throughput: grant+release cycles per second and grant latency at N concurrent clients,
+against ``gpu-attach broker --port`` as a site runs it, while one user keeps listing leases.
+
+Each client is the project's own ``BrokerClient`` (keep-alive ``http.client``), in a loop of
+request_lease (a small fraction) then release. Clients are threads spread over a few processes,
+so the clients' own Python does not share one GIL. A "lister" thread meanwhile pages through the
+same user's leases (``GET /v1/leases?limit=1000``) as fast as it can.
+
+Baseline, same run, same concurrency and clients: a bare ``GET /healthz`` per cycle (one request
+instead of two, no database): the floor this machine and HTTP stack give.
+
+Usage: python benchmarks/broker_throughput.py [--clients 100] [--seconds 10] [--processes 4] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import httpx
+
+from gpu_attach_server.cli import wait_ready
+from jupyter_gpu_attach.broker_client import BrokerClient
+from jupyter_gpu_attach.slices import SliceRequest
+
+TARGET_CYCLES = 1000.0
+TARGET_P99_MS = 20.0
+ADMIN, AGENT = "bench-admin-token-0123456789", "bench-agent-token-0123456789"
+USERS = {f"u{i}": f"bench-user-{i}-token-0123456789" for i in range(8)}
+
+
+def start_broker(state: str) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, GPU_ATTACH_ADMIN_TOKEN=ADMIN, GPU_ATTACH_AGENT_TOKEN=AGENT,
+               GPU_ATTACH_USER_TOKENS=",".join(f"{u}:{t}" for u, t in USERS.items()))
+    proc = subprocess.Popen([sys.executable, "-m", "gpu_attach_server.cli", "broker", "--port", "0",
+                             "--state-dir", state, "--agent-timeout", "36000"],
+                            env=env, stdout=subprocess.PIPE, text=True)
+    url = wait_ready(proc, "the broker")["url"]
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {AGENT}"}) as c:
+        c.post("/v1/agents", json={"agent_id": "bench", "address": "127.0.0.1:1", "devices": [
+            {"index": i, "uuid": f"GPU-{i}", "model": "Sim", "memory": 80 << 30, "simulated": True}
+            for i in range(8)]}).raise_for_status()
+    return proc, url
+
+
+def client_process(url: str, threads: int, first: int, mode: str, start_at: float, stop_at: float, out) -> None:
+    """``threads`` clients in this process; put (cycles, grant latencies) on ``out``."""
+    results = []
+
+    def run(i):
+        user = f"u{(first + i) % len(USERS)}"
+        c = BrokerClient(url, USERS[user])
+        lat, n = [], 0
+        req = SliceRequest(fraction=0.01)
+        while time.time() < start_at:
+            time.sleep(0.001)
+        while time.time() < stop_at:
+            t = time.perf_counter()
+            if mode == "healthz":
+                c._call("GET", "/healthz")
+                lat.append(time.perf_counter() - t)
+            else:
+                lease = c.request_lease(req, f"s{first + i}")
+                lat.append(time.perf_counter() - t)
+                c.release(lease["id"])
+            n += 1
+        results.append((n, lat))
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    out.put((sum(n for n, _ in results), [x for _, lat in results for x in lat]))
+
+
+def lister(url: str, stop_at: float, out: list) -> None:
+    c = BrokerClient(url, USERS["u0"])
+    while time.time() < stop_at:
+        t = time.perf_counter()
+        c._call("GET", "/v1/leases", params={"limit": 1000})
+        out.append(time.perf_counter() - t)
+
+
+def measure(url: str, mode: str, clients: int, processes: int, seconds: float, listing: bool) -> dict:
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    start_at = time.time() + 1.0
+    stop_at = start_at + seconds
+    per = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
+    procs = [ctx.Process(target=client_process, args=(url, n, sum(per[:i]), mode, start_at, stop_at, q))
+             for i, n in enumerate(per)]
+    for p in procs:
+        p.start()
+    lists: list[float] = []
+    lt = threading.Thread(target=lister, args=(url, stop_at, lists)) if listing else None
+    if lt:
+        while time.time() < start_at:
+            time.sleep(0.001)
+        lt.start()
+    got = [q.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    if lt:
+        lt.join()
+    cycles = sum(n for n, _ in got)
+    lat = sorted(x for _, xs in got for x in xs)
+    q99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")
+    return {"mode": mode, "cycles_per_s": round(cycles / seconds, 1), "p50_ms": round(statistics.median(lat) * 1e3, 2),
+            "p99_ms": round(q99 * 1e3, 2), "listings": len(lists),
+            "listing_p50_ms": round(statistics.median(lists) * 1e3, 1) if lists else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", type=int, default=100)
+    ap.add_argument("--processes", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args()
+    state = tempfile.mkdtemp(prefix="gpu-attach-bench-")
+    proc, url = start_broker(state)
+    try:
+        base = measure(url, "healthz", args.clients, args.processes, args.seconds, listing=False)
+        ours = measure(url, "lease", args.clients, args.processes, args.seconds, listing=True)
+        quiet = measure(url, "lease", args.clients, args.processes, args.seconds, listing=False)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        shutil.rmtree(state, ignore_errors=True)
+    print(f"broker throughput on {platform.node()} ({os.cpu_count()} CPUs), {args.clients} clients in "
+          f"{args.processes} processes, {args.seconds:g} s each, `gpu-attach broker --port` (SQLite)")
+    print(f"{'':38s} {'cycles/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s}  listings")
+    print(f"{'baseline: GET /healthz per cycle':38s} {base['cycles_per_s']:9.1f} {base['p50_ms']:8.2f} {base['p99_ms']:8.2f}")
+    print(f"{'grant+release, a user listing 1000':38s} {ours['cycles_per_s']:9.1f} {ours['p50_ms']:8.2f} {ours['p99_ms']:8.2f}"
+          f"  {ours['listings']} calls, p50 {ours['listing_p50_ms']} ms")
+    print(f"{'grant+release, nobody listing':38s} {quiet['cycles_per_s']:9.1f} {quiet['p50_ms']:8.2f} {quiet['p99_ms']:8.2f}")
+    print(f"(grant latency is the request_lease call; target >= {TARGET_CYCLES:g} cycles/s and p99 <= {TARGET_P99_MS:g} ms)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"baseline": base, "with_listing": ours, "without_listing": quiet, "clients": args.clients}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
