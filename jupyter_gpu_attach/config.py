@@ -27,6 +27,16 @@ class GPUAttach(Configurable):
         "Default: $GPU_ATTACH_REFRESH_S, else 2.",
     ).tag(config=True)
 
+    wait_s = Float(
+        600.0, min=0, max=86400,
+        help="Seconds a %%gpu cell waits in the broker's queue when no GPU is free (0: fail at once; "
+        "%%gpu --wait S overrides it per cell). Default: $GPU_ATTACH_WAIT_S, else 600.",
+    ).tag(config=True)
+
+    @default("wait_s")
+    def _wait_s_default(self):
+        return float(os.environ.get("GPU_ATTACH_WAIT_S", "600"))
+
     @default("refresh_interval")
     def _refresh_interval_default(self):
         return float(os.environ.get("GPU_ATTACH_REFRESH_S", "2"))

@@ -43,6 +43,7 @@ def get_session(config: GPUAttach | None = None) -> GPUSession:
                 print(f"gpu-attach: embedded broker at {pool.url} with {len(pool.devices)}{sim} device(s)",
                       file=sys.stderr)
                 _session = GPUSession(pool.url, pool.token, session_id=kernel_session_id(), embedded=pool)
+            _session.wait_s = cfg.wait_s
             global _registered
             if not _registered:  # a kernel that shuts down or restarts ends its sandbox at once
                 atexit.register(close_session)

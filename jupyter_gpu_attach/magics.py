@@ -14,7 +14,7 @@ from .relay import IPythonRelay
 from .slices import SliceRequest, format_size
 
 USAGE = """\
-%%gpu [--memory SIZE | --fraction F | --gpus N] [--pool LABEL] [--timeout S]
+%%gpu [--memory SIZE | --fraction F | --gpus N] [--pool LABEL] [--timeout S] [--wait S]
     Run this cell on a GPU slice leased for exactly as long as the cell runs. The names the cell
     reads are sent (only what changed since the sandbox last saw it); the names it binds, creates,
     deletes or changes in place come back; output, displays and plots stream into the cell live.
@@ -33,6 +33,8 @@ Options:
   -g, --gpus N        whole GPUs, all on one host
   --pool LABEL        only GPUs with this pool label
   -t, --timeout S     stop the cell after S seconds (%%gpu only)
+  -w, --wait S        wait up to S seconds in the broker's queue when no GPU is free
+                      (default 600, or $GPU_ATTACH_WAIT_S; 0 fails at once)
   -h, --help          show this help
 """
 
@@ -58,6 +60,7 @@ def _parser(prog: str, cell: bool) -> _Parser:
     p.add_argument("-f", "--fraction", type=float)
     p.add_argument("-g", "--gpus", type=int)
     p.add_argument("--pool")
+    p.add_argument("-w", "--wait", type=float)
     if cell:
         p.add_argument("-t", "--timeout", type=float)
     return p
@@ -94,6 +97,8 @@ class GPUMagics(Magics):
             return None
         if args.timeout is not None and args.timeout <= 0:
             raise UsageError(f"--timeout must be positive seconds, got {args.timeout:g}")
+        if args.wait is not None and not 0 <= args.wait <= 86400:
+            raise UsageError(f"--wait must be seconds from 0 to 86400, got {args.wait:g}")
         request = _request(args)
         try:
             analyse(cell)  # a syntax error is the cell's, shown before anything starts or is leased
@@ -104,7 +109,7 @@ class GPUMagics(Magics):
         label = (cell.strip().splitlines() or [""])[0][:120]
         try:
             session.run(cell, self.shell.user_ns, request.over(session.default), args.timeout, label=label,
-                        relay=IPythonRelay(self.shell), execution_count=self.shell.execution_count)
+                        relay=IPythonRelay(self.shell), execution_count=self.shell.execution_count, wait=args.wait)
         except SyntaxError as e:
             _as_cell_error(e, self.shell.execution_count)
             raise
@@ -117,12 +122,14 @@ class GPUMagics(Magics):
         if args.help:
             print(USAGE)
             return None
-        sized = any(v is not None for v in (args.memory, args.fraction, args.gpus, args.pool))
+        sized = any(v is not None for v in (args.memory, args.fraction, args.gpus, args.pool, args.wait))
         if sized and args.command != "attach":
             raise UsageError(f"%gpu {args.command} takes no slice options; they belong to `%gpu attach` or `%%gpu`")
         if args.command == "attach":
             session = connection.get_session()
             session.default = _request(args)
+            if args.wait is not None:
+                session.wait_s = args.wait
             result = session.check_environment(relay=IPythonRelay(self.shell))
             where = ", ".join(g["id"] for g in result.lease["gpus"])
             print(f"gpu-attach: cells in this notebook ask for {session.default.describe()} unless they say "

@@ -37,9 +37,24 @@ class PlainRelay:
     def ask(self, prompt: str, password: bool) -> str:
         return getpass.getpass(prompt) if password else input(prompt)
 
+    def queued(self, position: int, of: int, eta_s: float, waited_s: float) -> None:
+        """The cell waits in the broker's queue (called again whenever the position changes)."""
+        line = queue_line(position, of, eta_s, waited_s)
+        if line != getattr(self, "_last_queue_line", None):
+            self._last_queue_line = line
+            self.stream("stderr", line + "\n")
+
+    def granted_after_wait(self, waited_s: float) -> None:
+        pass
+
     def flush(self) -> None:
         for out in (self.stdout or sys.stdout, self.stderr or sys.stderr):
             out.flush()
+
+
+def queue_line(position: int, of: int, eta_s: float, waited_s: float) -> str:
+    eta = f", about {eta_s:.0f} s" if eta_s and eta_s > 0 else ""
+    return f"gpu-attach: queued: position {position} of {of}{eta} (waiting {waited_s:.0f} s; the stop button leaves the queue)"
 
 
 class IPythonRelay(PlainRelay):
@@ -79,3 +94,20 @@ class IPythonRelay(PlainRelay):
     def ask(self, prompt: str, password: bool) -> str:
         # In a kernel, builtins.input and getpass are the kernel's: they ask the notebook's frontend.
         return getpass.getpass(prompt) if password else input(prompt)
+
+    def queued(self, position: int, of: int, eta_s: float, waited_s: float) -> None:
+        """One line in the cell, kept current in place (a display with an id, updated)."""
+        import secrets
+
+        data = {"text/plain": queue_line(position, of, eta_s, waited_s)}
+        first = getattr(self, "_queue_display", None) is None
+        if first:
+            self._queue_display = "gpu-attach-queue-" + secrets.token_hex(4)
+        self.shell.display_pub.publish(data=data, metadata={}, transient={"display_id": self._queue_display},
+                                       **({} if first else {"update": True}))
+
+    def granted_after_wait(self, waited_s: float) -> None:
+        if getattr(self, "_queue_display", None):
+            self.shell.display_pub.publish(
+                data={"text/plain": f"gpu-attach: granted after {waited_s:.1f} s in the queue"}, metadata={},
+                transient={"display_id": self._queue_display}, update=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, MutableMapping, TextIO
 
 from . import wire
-from .broker_client import BrokerClient
+from .broker_client import DEFAULT_WAIT_S, BrokerClient
 from .cell_analysis import analyse
 from .environment import environment
 from .errors import (
@@ -124,6 +124,7 @@ class GPUSession:
         self.last: CellResult | None = None
         self.active_lease: dict | None = None
         self.remote = RemoteNamespace()
+        self.wait_s = DEFAULT_WAIT_S  # how long a cell waits in the broker's queue (0: fail at once)
         self._env_checked = False
         self._told_simulated = False
         self._lock = threading.Lock()  # one cell at a time per session
@@ -140,6 +141,7 @@ class GPUSession:
         label: str = "",
         relay: Any = None,
         execution_count: int | None = None,
+        wait: float | None = None,
     ) -> CellResult:
         """Run ``source`` on a leased slice, reading inputs from and writing results to ``namespace``."""
         __tracebackhide__ = True
@@ -156,7 +158,13 @@ class GPUSession:
         if not self._env_checked:
             header["env"] = environment()
         with self._lock:
-            lease = self.broker.request_lease(request, self.session_id, label)
+            asked = time.monotonic()
+            wait_s = self.wait_s if wait is None else wait
+            lease = self.broker.request_lease(
+                request, self.session_id, label, wait_s=wait_s or None,
+                on_queued=lambda pos, of, eta: relay.queued(pos, of, eta, time.monotonic() - asked))
+            if time.monotonic() - asked > 1.0:
+                relay.granted_after_wait(time.monotonic() - asked)
             t_lease = time.perf_counter()
             self.active_lease = lease
             self._renewer.track(lease)

@@ -281,3 +281,41 @@ def test_a_lost_sandbox_names_the_objects_that_lived_only_there(site):
         assert reply["ename"] == "RemoteStateLost" and "only_there" in reply["evalue"]
     finally:
         k.stop()
+
+
+def test_a_full_pool_queues_the_cell_and_shows_its_place(nb, site):
+    with site.client("bob") as c:  # bob holds every GPU of the site
+        held = [c.post("/v1/leases", json={"gpus": 1, "session": "nb-bob", "label": "hog"}).json()
+                for _ in site.pool()["gpus"]]
+    assert all(h.get("state") == "granted" for h in held), held
+    result = {}
+
+    def run():
+        result["reply"] = nb.run("%%gpu --wait 60\nqueued_then_ran = 1", timeout=90)
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(3.0)
+    with site.client("bob") as c:
+        for h in held:
+            c.delete(f"/v1/leases/{h['id']}")
+    t.join(60)
+    reply = result["reply"]
+    assert reply["status"] == "ok", reply
+    shown = [c for _, kind, c in reply["outputs"] if kind in ("display_data", "update_display_data")]
+    texts = [c["data"]["text/plain"] for c in shown]
+    assert texts and "queued: position 1 of 1" in texts[0], texts
+    assert nb.value("queued_then_ran") == 1
+
+    with site.client("bob") as c:
+        held = [c.post("/v1/leases", json={"gpus": 1, "session": "nb-bob", "label": "hog"}).json()
+                for _ in site.pool()["gpus"]]
+    try:
+        t0 = time.monotonic()
+        reply = nb.run("%%gpu --wait 1\nnever = 1")
+        assert reply["ename"] == "NoCapacity" and "--wait" in reply["evalue"], reply["evalue"]
+        assert time.monotonic() - t0 < 15
+    finally:
+        with site.client("bob") as c:
+            for h in held:
+                c.delete(f"/v1/leases/{h['id']}")
