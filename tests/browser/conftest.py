@@ -74,7 +74,8 @@ def start_lab(tmp: Path, broker_url: str, token: str, extension: bool = True) ->
             [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
              f"--ServerApp.root_dir={root}", f"--IdentityProvider.token={LAB_TOKEN}", "--ServerApp.allow_root=True",
              "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-             "--LabApp.expose_app_in_browser=True", f"--LabApp.user_settings_dir={tmp / 'settings'}",
+             "--LabApp.expose_app_in_browser=True", "--JupyterNotebookApp.expose_app_in_browser=True",
+             f"--LabApp.user_settings_dir={tmp / 'settings'}",
              f"--LabApp.workspaces_dir={tmp / 'workspaces'}"],
             env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -39,6 +39,33 @@ def _shot(page, tmp_path, name: str, element=None) -> None:
         shutil.copy(path, SHOTS / f"{name}.png")
 
 
+def _kernel_ready(page, timeout_ms: float = 120000) -> None:
+    """Wait until the open notebook's session has its kernel, connected and idle. Running a cell
+    before that makes the notebook start a kernel of its own, racing the one it is starting: the
+    second start may kill the first, or, with the kernel specs not yet fetched, open a "Select
+    Kernel" dialog over the notebook."""
+    page.wait_for_function(
+        """() => {
+            const s = window.jupyterapp?.shell.currentWidget?.sessionContext;
+            const k = s?.session?.kernel;
+            return !!(s?.isReady && k && k.connectionStatus === 'connected' && k.status === 'idle');
+        }""", timeout=timeout_ms)
+
+
+def _click(page, locator) -> None:
+    """Click, and if a dialog is in the way, fail with what it says rather than "intercepts pointer
+    events": a dialog nobody expects is a failure to understand, not to press Escape on."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        locator.click()
+    except PlaywrightTimeout:
+        dialogs = [d.inner_text() for d in page.locator(".jp-Dialog").all()]
+        if dialogs:
+            raise AssertionError(f"a dialog covers the notebook: {dialogs!r}") from None
+        raise
+
+
 def _run_cell(page, index: int, within_s: float = 120) -> None:
     """Run one cell. A request made while the kernel is still connecting is dropped (the prompt
     stays "[ ]"), so ask again until the prompt shows the cell queued or run."""
@@ -48,7 +75,7 @@ def _run_cell(page, index: int, within_s: float = 120) -> None:
     prompt = cell.locator(".jp-InputPrompt")
     deadline = time.monotonic() + within_s
     while True:
-        prompt.click()
+        _click(page, prompt)
         page.keyboard.press("Shift+Enter")
         try:
             page.wait_for_function("el => /\\[(\\*|\\d+)\\]/.test(el.textContent)", arg=prompt.element_handle(),
@@ -65,7 +92,7 @@ def _theme(page, name: str) -> None:
     time.sleep(0.5)
 
 
-def _widget_in_notebook7(lab, browser) -> None:
+def _widget_in_notebook7(lab, browser, shots: Path) -> None:
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(CELLS[2])])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, lab.root / "nb7.ipynb")
@@ -73,10 +100,15 @@ def _widget_in_notebook7(lab, browser) -> None:
     try:
         page.goto(f"{lab.url}/notebooks/nb7.ipynb?token={lab.token}")
         page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=60000)
-        _run_cell(page, 0)  # runs once the kernel is up
+        _kernel_ready(page)
+        _run_cell(page, 0)
         out = page.locator(".jp-Notebook .jp-Cell").nth(0).locator(".jp-OutputArea-output")
         out.locator(".gpu-attach-bar").first.wait_for(timeout=90000)
         assert "simulated" in out.inner_text() and "Set default" in out.inner_text()
+    except Exception:
+        page.screenshot(path=str(shots / "failure-notebook7.png"))
+        print(f"Notebook 7 screenshot at failure: {shots / 'failure-notebook7.png'}")
+        raise
     finally:
         page.close()
 
@@ -176,7 +208,7 @@ def _walk_through(lab, site, page, tmp_path):
     _theme(page, "JupyterLab Light")
 
     # The widget in Notebook 7 too (same server, its /tree and /notebooks pages).
-    _widget_in_notebook7(lab, page.context.browser)
+    _widget_in_notebook7(lab, page.context.browser, tmp_path)
 
     # Clicking the status-bar item opens the panel.
     page.locator(".jp-SideBar [data-id='jp-gpu-attach-panel']").click()  # collapses the sidebar
