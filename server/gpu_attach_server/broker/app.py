@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from fastapi.openapi.utils import get_openapi
 
 from .. import __version__
+from . import agents
 from .auth import Principal, TokenBook
 from .core import LEASE_STATES, Broker, BrokerError
 from .models import AgentRegistration, Heartbeat, LeaseRequest
@@ -167,6 +168,8 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
     async def heartbeat(agent_id: AgentId, body: Heartbeat, who: Principal = Depends(agent)):
         acting_as(who, agent_id)
         return broker.heartbeat(agent_id, body.incarnation)
+
+    agents.install(app, broker, tokens)  # enrolment, agent keys, lease watch, session ends
 
     def openapi():
         if app.openapi_schema is None:
