@@ -139,6 +139,7 @@ class Agent:
         self._cells: dict[int, _WatchedCell] = {}
         self._epoll = select.epoll()
         self._admitted: dict[str, float] = {}  # lease -> expiry: each grant admits one cell
+        self._ended: dict[str, float] = {}  # leases the broker says ended -> when we heard: their grants admit nothing
         self._pending: dict[socket.socket, str] = {}  # connections waiting for their hello -> address
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -294,6 +295,7 @@ class Agent:
         threading.Thread(target=self._watch_cells_forever, name="cell-watch", daemon=True).start()
         threading.Thread(target=self._tell_broker_forever, name="tell-broker", daemon=True).start()
         threading.Thread(target=self._follow_session_ends, name="session-ends", daemon=True).start()
+        threading.Thread(target=self._follow_lease_ends, name="lease-ends", daemon=True).start()
         while not self._stop.is_set():
             try:
                 conn, addr = self.listener.accept()
@@ -347,6 +349,8 @@ class Agent:
             if missing:
                 raise GrantTokenError(f"this agent has no device {missing}")
             self._admit_once(claims)
+            if claims["lease"] in self._ended:
+                raise GrantTokenError("the lease of this grant has ended; request a new one")
             conn.settimeout(None)
             for _ in range(2):  # a sandbox killed (idle, lease ended) just as we picked it: once more
                 sandbox = self._sandbox_for(claims)
@@ -359,6 +363,9 @@ class Agent:
                     if state == "abandoned":  # its kernel gave up on the last cell: start afresh
                         self._kill_locked(sandbox)
                         continue
+                    confirmed = None
+                    if float(claims["exp"]) - time.time() - self._margin(claims) < 0.5:
+                        confirmed = self._confirm(claims)  # a slow start used up most of the grant
                     sandbox.running_lease = claims["lease"]
                     sandbox.last_used = time.monotonic()
                     sandbox.cells += 1
@@ -373,7 +380,7 @@ class Agent:
                     wire.send_frame(conn, admitted)
                     socket.send_fds(sandbox.ctl, [json.dumps({"op": "cell", "claims": claims}).encode()],
                                     [conn.fileno()])
-                    self._watch_cell(conn, sandbox, claims)
+                    self._watch_cell(conn, sandbox, claims, confirmed)
                     watched = True
                 break
             else:
@@ -404,14 +411,37 @@ class Agent:
     # own copy of that connection, so nothing the sandbox (user code) says can stretch a cell;
     # between cells the sandbox's cgroup is frozen, so nothing it started keeps running either.
 
-    def _watch_cell(self, conn: socket.socket, sandbox: "SandboxHandle", claims: dict) -> None:
+    def _margin(self, claims: dict) -> float:
+        ttl = max(float(claims["exp"]) - float(claims.get("iat", claims["exp"] - 30)), 0.1)
+        return self.settings.fence_margin_s if self.settings.fence_margin_s is not None else min(1.0, ttl / 4)
+
+    def _confirm(self, claims: dict) -> tuple[float, float]:
+        """Ask the broker now whether a lease is live: ``(its expiry, the monotonic fence)``.
+        Used at admission when the grant is close to its fence (a slow sandbox start ate it)."""
+        url = f"{self.settings.broker_url}/v1/agents/{self.settings.agent_id}/leases/{claims['lease']}/watch"
+        sent = time.monotonic()
+        try:
+            r = self._broker_session().get(url, params={"wait": "0"}, timeout=2)
+            r.raise_for_status()
+            body = r.json()
+        except Exception as e:
+            raise GrantTokenError(f"the agent cannot confirm the lease with the broker ({e}) and the grant is "
+                                  "about to expire; request a new lease") from None
+        if body["state"] != "granted":
+            raise GrantTokenError(f"the lease has ended ({body['state']}: {body.get('end_reason')}); "
+                                  "request a new one")
+        return float(body["expires_at"]), sent + float(body["expires_at"]) - float(body["now"]) - self._margin(claims)
+
+    def _watch_cell(self, conn: socket.socket, sandbox: "SandboxHandle", claims: dict,
+                    confirmed: tuple[float, float] | None = None) -> None:
         cell = _WatchedCell(conn, sandbox, claims["lease"])
         # Fencing: the grant's own expiry is the first thing confirmed (read against our clock
         # once; later confirmations are measured on the monotonic clock from the broker's answer).
-        ttl = max(float(claims["exp"]) - float(claims.get("iat", claims["exp"] - 30)), 0.1)
-        cell.margin = self.settings.fence_margin_s if self.settings.fence_margin_s is not None else min(1.0, ttl / 4)
+        cell.margin = self._margin(claims)
         cell.expires_at = float(claims["exp"])
         cell.fence = cell.admitted_at + (cell.expires_at - time.time()) - cell.margin
+        if confirmed is not None:
+            cell.expires_at, cell.fence = confirmed
         with self._lock:
             self._cells[conn.fileno()] = cell
         self._epoll.register(conn.fileno(), select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)
@@ -458,7 +488,8 @@ class Agent:
                     return
                 r.raise_for_status()
                 body = r.json()
-            except Exception:
+            except Exception as e:
+                log.debug("lease watch of %s failed: %s", cell.lease, e)
                 time.sleep(min(0.05, max(cell.fence - time.monotonic(), 0)))
                 continue
             if body["state"] != "granted":
@@ -483,6 +514,37 @@ class Agent:
                     break
                 except Exception:  # the broker is down: the lease expires at its TTL instead
                     time.sleep(0.1)
+
+    def _follow_lease_ends(self) -> None:
+        """The broker's push of this agent's ended leases (a long poll): a released grant admits
+        nothing from then on, and a cell of an ended lease stops, within ~100 ms of the end."""
+        http = requests.Session()
+        http.headers["Authorization"] = f"Bearer {self.settings.agent_token}"
+        url = f"{self.settings.broker_url}/v1/agents/{self.settings.agent_id}/lease-ends"
+        since = None
+        while not self._stop.is_set():
+            try:
+                params = {"wait": "5"} if since is None else {"since": repr(since), "wait": "5"}
+                r = http.get(url, params=params, timeout=10)
+                r.raise_for_status()
+                body = r.json()
+            except Exception:
+                self._stop.wait(0.2)
+                continue
+            since = float(body["until"])
+            if not body["ended"]:
+                continue
+            now = time.monotonic()
+            with self._lock:
+                for lease in body["ended"]:
+                    self._ended.setdefault(lease, now)
+                if len(self._ended) > 100000:  # grants live minutes at most; forget the oldest ends
+                    cutoff = now - 3600
+                    self._ended = {k: v for k, v in self._ended.items() if v > cutoff}
+                ended = set(body["ended"])
+                running = [(s, s.running_lease) for s in self._sandboxes.values() if s.running_lease in ended]
+            for s, lease in running:
+                self._lease_over(s, lease, "the broker ended the lease")
 
     def _follow_session_ends(self) -> None:
         """Reclaim the sandboxes of sessions that ended (their kernel shut down or stopped beating)."""

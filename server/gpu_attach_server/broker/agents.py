@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Column, Float, LargeBinary, MetaData, String, Table, Text, insert, select, update
+from sqlalchemy import Column, Float, Index, LargeBinary, MetaData, String, Table, Text, and_, insert, select, update
 
 from .auth import ANY_AGENT, Principal, TokenBook
 from .store import leases
@@ -121,6 +121,8 @@ class AgentTrust:
     def __init__(self, store):
         self.store = store
         _meta.create_all(store.engine)
+        # The lease-end feed asks "which of this agent's leases ended since T" every few ms.
+        Index("ix_leases_agent_ended", leases.c.agent_id, leases.c.ended_at).create(store.engine, checkfirst=True)
         self._keys: dict[str, str | None] = {}
         self._tokens: dict[bytes, str | None] = {}
 
@@ -293,6 +295,28 @@ def install(app: FastAPI, broker, tokens: TokenBook, sessions: Sessions | None =
             if not live or row.expires_at != known or time.monotonic() >= end:
                 return {"id": lease_id, "state": row.state if row.state != "granted" or live else "expired",
                         "expires_at": row.expires_at, "now": t, "end_reason": row.end_reason}
+            await asyncio.sleep(WATCH_POLL_S)
+
+    @r.get("/v1/agents/{agent_id}/lease-ends")
+    async def lease_ends(agent_id: AgentId, p: Principal = Depends(agent_principal),
+                         since: float | None = Query(None, description="broker time of the last answer's 'until'"),
+                         wait: float = Query(5.0, ge=0, le=WATCH_MAX_S)):
+        """The agent's leases that ended (released, expired, revoked, failed) after ``since``:
+        the agent refuses their grants and stops their cells. Answers at once when there are some."""
+        agent_as(agent_id, p)
+        if since is None:
+            return {"until": time.time(), "ended": []}
+        end = time.monotonic() + wait
+        while True:
+            t = time.time()
+            with broker.store.read() as conn:
+                rows = conn.execute(select(leases.c.id, leases.c.ended_at).where(
+                    and_(leases.c.agent_id == agent_id, leases.c.ended_at > since))).all()
+            if rows or time.monotonic() >= end:
+                # Overlap the next window a little: an end whose transaction committed late is
+                # delivered twice rather than never.
+                until = max([since, *(r.ended_at for r in rows)]) if rows else max(since, t - 1.0)
+                return {"until": until, "ended": [r.id for r in rows]}
             await asyncio.sleep(WATCH_POLL_S)
 
     @r.post("/v1/agents/{agent_id}/leases/{lease_id}/ended")
