@@ -6,6 +6,10 @@ controllers, else the v1 hierarchies (``memory``, ``pids``, ``freezer``). Every 
 an agent lives under one parent named after the agent id, so a restarted agent finds and kills
 what its previous run left (:meth:`CgroupTree.kill_leftovers`).
 
+The parent is named after the agent id and the agent's pid (``gpu-attach-ID-PID``): a
+restarted agent kills the cgroups of an earlier run of its id whose process is gone, and leaves
+alone those of another live agent that happens to share the id on this host.
+
 What a backend cannot enforce it says in :attr:`CgroupTree.missing`; the agent prints that at
 start and refuses to serve other users unless told to accept it.
 """
@@ -216,6 +220,7 @@ class CgroupTree:
 
     def __init__(self, agent_id: str, root: Path = ROOT):
         self.agent = _safe_name(agent_id)
+        self.parent_name = f"gpu-attach-{self.agent}-{os.getpid()}"
         self.version = 0
         self.parents: dict[str, Path] = {}
         self.missing: list[str] = []
@@ -239,7 +244,7 @@ class CgroupTree:
         needed = {"memory", "pids"}
         if not needed <= set(_read(own / "cgroup.controllers").split()):
             return False
-        parent = own / f"gpu-attach-{self.agent}"
+        parent = own / self.parent_name
         parent.mkdir(exist_ok=True)
         if not needed <= set(_read(parent / "cgroup.subtree_control").split()):
             # v2 puts no process in an inner node: move the agent into a leaf of its own cgroup
@@ -265,7 +270,7 @@ class CgroupTree:
             base = root / c
             if not base.is_dir() or c not in own:
                 return False
-            p = base / own[c].lstrip("/") / f"gpu-attach-{self.agent}"
+            p = base / own[c].lstrip("/") / self.parent_name
             p.mkdir(exist_ok=True)
             parents[c] = p
         if (parents["memory"] / "memory.use_hierarchy").exists():
@@ -299,16 +304,39 @@ class CgroupTree:
         return Cgroup(self, name, dirs)
 
     def kill_leftovers(self) -> int:
-        """Kill every sandbox cgroup under this agent's parent (left by an earlier run); how many."""
-        names: set[str] = set()
-        for p in self.parents.values():
-            names.update(c.name for c in p.iterdir() if c.is_dir() and c.name.startswith("sb-"))
-        for name in names:
-            kill_dirs(self.version, {c: p / name for c, p in self.parents.items() if (p / name).exists()})
-        return len(names)
+        """Kill every sandbox cgroup that an earlier run of this agent id left (its agent process
+        is gone), and remove their parents; how many sandbox cgroups were killed."""
+        killed = 0
+        prefix = f"gpu-attach-{self.agent}-"
+        for c, mine in self.parents.items():
+            for old in mine.parent.iterdir():
+                if not (old.is_dir() and old.name.startswith(prefix) and old != mine):
+                    continue
+                pid = old.name[len(prefix):]
+                if pid.isdigit() and _is_agent(int(pid)):
+                    continue  # another live agent with the same id on this host: not ours to kill
+                dirs = {k: p.parent / old.name for k, p in self.parents.items() if (p.parent / old.name).exists()}
+                names = {s.name for d in dirs.values() for s in d.iterdir() if s.is_dir()}
+                for name in names:
+                    kill_dirs(self.version, {k: d / name for k, d in dirs.items() if (d / name).exists()})
+                killed += len(names)
+                for d in dirs.values():
+                    _rmdir_tree(d)
+        return killed
 
     def remove(self) -> None:
         """Kill what is left and remove the agent's parent cgroups (at a clean stop)."""
-        self.kill_leftovers()
+        names = {s.name for p in self.parents.values() if p.exists() for s in p.iterdir() if s.is_dir()}
+        for name in names:
+            kill_dirs(self.version, {c: p / name for c, p in self.parents.items() if (p / name).exists()})
         for p in self.parents.values():
             _rmdir_tree(p)
+
+
+def _is_agent(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        return b"gpu_attach" in cmdline or b"gpu-attach" in cmdline
+    except OSError:
+        return False
