@@ -37,6 +37,7 @@ class Site:
     procs: list = field(default_factory=list)
     agents: dict = field(default_factory=dict)
     credentials: dict = field(default_factory=dict)
+    ready: dict = field(default_factory=dict)
     url: str = ""
 
     def env(self) -> dict:
@@ -73,9 +74,13 @@ class Site:
              *extra],
             env=env, stdout=subprocess.PIPE, text=True)
         self.procs.append(proc)
-        wait_ready(proc, f"agent {name}")
+        self.ready[name] = wait_ready(proc, f"agent {name}")
         self.agents[name] = proc
         return proc
+
+    def agents_address(self, name: str = "gpu-host-1") -> str:
+        """The data port address of agent ``name``."""
+        return self.ready[name]["address"]
 
     def client(self, who: str = "alice") -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKENS[who]}"}, timeout=30)
