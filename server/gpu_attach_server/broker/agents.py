@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import os
 import secrets
 import threading
 import time
@@ -201,7 +202,7 @@ class AgentTrust:
 def install(app: FastAPI, broker, tokens: TokenBook, sessions: Sessions | None = None) -> AgentTrust:
     """Add agent enrolment, keys, the lease watch and session ends to the broker's app."""
     trust = AgentTrust(broker.store)
-    sessions = sessions or Sessions()
+    sessions = sessions or Sessions(float(os.environ.get("GPU_ATTACH_SESSION_TIMEOUT_S", SESSION_TIMEOUT_S)))
     app.state.agent_trust, app.state.sessions = trust, sessions
 
     # Credentials: config tokens (by digest, in the TokenBook) and admin-issued ones (in the
