@@ -352,13 +352,13 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
     args = ap.parse_args()
-    results = run(args.scenario or list(SCENARIOS), args.trials)
-    for name, c in results.items():
+    for name in args.scenario or list(SCENARIOS):
+        c = run([name], args.trials)[name]
         figs = {k: f"median {sorted(v)[len(v) // 2]:.3f} max {max(v):.3f}" for k, v in c.figures.items()}
         print(json.dumps({"scenario": name, "trials": c.trials, "stuck_slices": c.stuck_slices,
                           "double_grants": c.double_grants, "overlaps": c.overlaps, "orphans": c.orphans,
                           "lost_leases": c.lost_leases, "recoveries": c.recoveries, "figures": figs,
-                          "notes": c.notes[:5]}))
+                          "notes": c.notes[:5]}), flush=True)
 
 
 if __name__ == "__main__":
