@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,18 +39,19 @@ import httpx
 from gpu_attach_server.cli import wait_ready
 
 ADMIN, ALICE = "admin-" + secrets.token_hex(12), "alice-" + secrets.token_hex(12)
+# The cell, and the child it starts in a new session, send a datagram every 20 ms to the harness,
+# which notes when each arrived: that survives the sandbox and its files.
 TICK_CELL = textwrap.dedent("""\
-    import os, subprocess, sys, threading, time
-    ticks = os.path.join(os.environ['HOME'], 'ticks')
-    def tick(path=ticks, now=time.time, sleep=time.sleep):
+    import os, socket, subprocess, sys, threading, time
+    LOOP = "import socket, time\\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\\nwhile True:\\n    s.sendto(b't', ('127.0.0.1', PORT))\\n    time.sleep(0.02)\\n"
+    def tick(sleep=time.sleep, sock=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)):
         while True:
-            with open(path, 'a') as f:
-                f.write('%.4f\\n' % now())
+            sock.sendto(b't', ('127.0.0.1', PORT))
             sleep(0.02)
     threading.Thread(target=tick, daemon=True).start()
     child = 0
     if CHILDREN:
-        child = subprocess.Popen(['setsid', 'sh', '-c', 'while :; do date +%s.%N >> ' + ticks + '; sleep 0.02; done']).pid
+        child = subprocess.Popen([sys.executable, '-c', LOOP], start_new_session=True).pid
     print('HOME', os.environ['HOME'], os.getpid(), child, flush=True)
     time.sleep(SECONDS)
     done = True
@@ -185,7 +187,7 @@ def _cell(k: subprocess.Popen) -> tuple[str, list[int]]:
     return home, [int(pid), int(child)]
 
 
-def _grant_again(site: "ChaosSite", counts: "Counts", sid: str, home: str, tries: int = 400) -> None:
+def _grant_again(site: "ChaosSite", counts: "Counts", sid: str, ticks: Ticks, tries: int = 400) -> None:
     """Grant the slice again as soon as the broker will; nothing of the old cell may run after."""
     with site.client(ALICE) as c:
         lease = None
@@ -200,18 +202,38 @@ def _grant_again(site: "ChaosSite", counts: "Counts", sid: str, home: str, tries
             counts.notes.append(f"no grant after the fault: {r.text[:200]}")
             return
         time.sleep(0.5)
-        late = [t for t in _ticks(home) if t > lease["granted_at"]]
+        late = [t for t in ticks.times if t > lease["granted_at"]]
         counts.overlaps += bool(late)
+        counts.figure("ticks_before_regrant", len(ticks.times) - len(late))
         if late:
             counts.notes.append(f"{len(late)} ticks after the slice was granted again")
         c.delete(f"/v1/leases/{lease['id']}")
 
 
-def _ticks(home: str) -> list[float]:
-    try:
-        return [float(t) for t in Path(home, "ticks").read_text().split() if t.strip()]
-    except (OSError, ValueError):
-        return []
+class Ticks:
+    """A UDP port on which a trial's cell and its child say they run; arrival times on our clock."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.times: list[float] = []
+        threading.Thread(target=self._recv, daemon=True).start()
+
+    def _recv(self):
+        while True:
+            try:
+                self.sock.recv(16)
+            except OSError:
+                return
+            self.times.append(time.time())
+
+    def cell(self, children: bool, seconds: float) -> str:
+        return (TICK_CELL.replace("CHILDREN", str(children)).replace("SECONDS", str(seconds))
+                .replace("PORT", str(self.port)))
+
+    def close(self):
+        self.sock.close()
 
 
 def _double_grants(leases: list[dict]) -> int:
@@ -237,7 +259,8 @@ def _recover(site: ChaosSite, counts: Counts, sid: str) -> None:
 
 def trial_kernel(site: ChaosSite, counts: Counts, children: bool = True) -> None:
     sid = "k-" + secrets.token_hex(4)
-    k = site.kernel(TICK_CELL.replace("CHILDREN", str(children)).replace("SECONDS", "30"), sid)
+    ticks = Ticks()
+    k = site.kernel(ticks.cell(children, 30), sid)
     home, pids = _cell(k)
     time.sleep(0.3)
     k.kill()
@@ -247,7 +270,7 @@ def trial_kernel(site: ChaosSite, counts: Counts, children: bool = True) -> None
     freed = time.monotonic() - killed
     counts.figure("slice_freed_s", freed)
     counts.stuck_slices += freed > 1.0
-    _grant_again(site, counts, sid + "-again", home, tries=20)
+    _grant_again(site, counts, sid + "-again", ticks, tries=20)
     # The session stops beating; its sandbox (and what the cell started) goes within seconds.
     while _left(pids) and time.monotonic() - killed < 10:
         time.sleep(0.05)
@@ -259,7 +282,8 @@ def trial_kernel(site: ChaosSite, counts: Counts, children: bool = True) -> None
 
 def trial_agent(site: ChaosSite, counts: Counts, children: bool) -> None:
     sid = "a-" + secrets.token_hex(4)
-    k = site.kernel(TICK_CELL.replace("CHILDREN", str(children)).replace("SECONDS", "30"), sid)
+    ticks = Ticks()
+    k = site.kernel(ticks.cell(children, 30), sid)
     home, pids = _cell(k)
     time.sleep(0.3)
     site.agent.kill()
@@ -267,7 +291,7 @@ def trial_agent(site: ChaosSite, counts: Counts, children: bool) -> None:
     killed = time.monotonic()
     site.start_agent()  # the restarted agent kills what its previous run left, then registers
     counts.figure("agent_restart_s", time.monotonic() - killed)
-    _grant_again(site, counts, sid + "-next", home, tries=100)
+    _grant_again(site, counts, sid + "-next", ticks, tries=100)
     counts.orphans += len(_left(pids))
     k.wait(30)
     counts.double_grants += _double_grants(site.leases())
@@ -277,7 +301,8 @@ def trial_agent(site: ChaosSite, counts: Counts, children: bool) -> None:
 def trial_broker(site: ChaosSite, counts: Counts, outage: float) -> None:
     sid = "b-" + secrets.token_hex(4)
     seconds = 10 if outage < site.ttl else 40
-    k = site.kernel(TICK_CELL.replace("CHILDREN", "True").replace("SECONDS", str(seconds)), sid)
+    ticks = Ticks()
+    k = site.kernel(ticks.cell(True, seconds), sid)
     home, pids = _cell(k)
     time.sleep(1.0)
     mine = [x for x in site.leases() if x["session"] == sid and x["state"] == "granted"]
@@ -320,13 +345,13 @@ def trial_broker(site: ChaosSite, counts: Counts, outage: float) -> None:
                 counts.stuck_slices += 1
             else:
                 time.sleep(0.5)
-                ticks = _ticks(home)
-                late = [t for t in ticks if t > lease["granted_at"]]
+                late = [t for t in ticks.times if t > lease["granted_at"]]
                 counts.overlaps += bool(late)
                 old = [x for x in site.leases() if x["session"] == sid]
-                if old and ticks:
+                counts.figure("ticks_before_regrant", len(ticks.times) - len(late))
+                if old and ticks.times:
                     # How long before its lease's TTL the cell was stopped (positive: no overlap possible).
-                    counts.figure("fenced_before_ttl_s", old[0]["expires_at"] - max(ticks))
+                    counts.figure("fenced_before_ttl_s", old[0]["expires_at"] - max(ticks.times))
                 c.delete(f"/v1/leases/{lease['id']}")
         k.wait(60)
         counts.orphans += len(_left(pids))

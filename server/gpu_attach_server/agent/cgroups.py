@@ -169,14 +169,11 @@ def kill_dirs(version: int, dirs: dict[str, Path]) -> None:
         except OSError:
             pass
     else:
-        # Freeze first, so nothing forks between reading the member list and killing it; a frozen
-        # process dies of SIGKILL once thawed.
-        fz = dirs.get("freezer") or dirs.get("unified")
-        frozen_file = "freezer.state" if "freezer" in dirs else "cgroup.freeze"
-        try:
-            _write(fz / frozen_file, "FROZEN" if "freezer" in dirs else "1")
-        except OSError:
-            pass
+        # SIGKILL every member, then thaw (a frozen process dies of SIGKILL once thawed), until
+        # none is left: a child forked between listing and killing is caught by the next pass,
+        # and a process with SIGKILL pending runs no more user code. Nothing is frozen here, so
+        # an agent that dies midway leaves nothing frozen that was running.
+        fz = dirs.get("freezer")
         while True:
             pids = members()
             for pid in pids:
@@ -184,10 +181,11 @@ def kill_dirs(version: int, dirs: dict[str, Path]) -> None:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            try:
-                _write(fz / frozen_file, "THAWED" if "freezer" in dirs else "0")
-            except OSError:
-                pass
+            if fz is not None:
+                try:
+                    _write(fz / "freezer.state", "THAWED")
+                except OSError:
+                    pass
             if not pids or time.monotonic() > deadline:
                 break
             time.sleep(0.002)
