@@ -7,13 +7,9 @@ many sites do; each user's cells run as that user's own uid, in a cgroup and a m
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import pytest
-
-from conftest import TOKENS  # noqa: F401  (tests/ is on the path: see this folder's conftest)
 
 from .conftest import needs_root, run
 
