@@ -23,7 +23,7 @@ from conftest import TOKENS
 from jupyter_gpu_attach import GPUSession, wire
 from jupyter_gpu_attach.errors import CellRejected
 
-from .conftest import run
+from .conftest import needs_root, run
 
 pytestmark = pytest.mark.usefixtures("neighbour_survives")
 
@@ -199,6 +199,7 @@ def test_a_flood_of_idle_connections_does_not_crowd_out_real_cells(site):
             c.close()
 
 
+@needs_root  # the limit is the sandbox's cgroup memory limit
 def test_a_declared_input_over_the_memory_limit_is_refused_and_the_session_lives_on(site):
     session = GPUSession(site.url, TOKENS["alice"], session_id="big-input")
     run(session, "import builtins, os\nbuiltins.kept = 'state'\npid = os.getpid()")
