@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import select
 import secrets
 import shutil
@@ -40,6 +39,7 @@ from jupyter_gpu_attach import wire
 
 from .. import __version__
 from ..grant_tokens import GrantTokenError, GrantVerifier
+from .broker_channel import BrokerChannel
 from .cgroups import Cgroup, CgroupTree
 from .enrolment import AgentKey
 from .identities import UserIds, parse_range
@@ -139,7 +139,6 @@ class Agent:
         self._cells: dict[int, _WatchedCell] = {}
         self._epoll = select.epoll()
         self._admitted: dict[str, float] = {}  # lease -> expiry: each grant admits one cell
-        self._ended: dict[str, float] = {}  # leases the broker says ended -> when we heard: their grants admit nothing
         self._pending: dict[socket.socket, str] = {}  # connections waiting for their hello -> address
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -147,10 +146,8 @@ class Agent:
         # without paying for a new thread on every cell. One thread per admission slot, so a real
         # hello never queues behind idle connections.
         self._admitters = ThreadPoolExecutor(max_workers=MAX_ADMISSIONS, thread_name_prefix="admit")
-        # Lease watches of running cells (long polls on the broker), and what the agent tells it.
-        self._watchers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="lease-watch")
-        self._tell: "queue.SimpleQueue[tuple[str, str]]" = queue.SimpleQueue()
-        self._local = threading.local()
+        # Lease ends and session ends pushed by the broker, lease watches, cell ends told to it.
+        self.channel = BrokerChannel(settings.broker_url, settings.agent_id, settings.agent_token, self._stop)
         # Sandboxes ask the kernel to kill them when the thread that started them ends
         # (PR_SET_PDEATHSIG follows the thread, not the process), so one long-lived thread starts them all.
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawn")
@@ -293,9 +290,7 @@ class Agent:
             self._spawner.submit(self._refill_spare)
         threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True).start()
         threading.Thread(target=self._watch_cells_forever, name="cell-watch", daemon=True).start()
-        threading.Thread(target=self._tell_broker_forever, name="tell-broker", daemon=True).start()
-        threading.Thread(target=self._follow_session_ends, name="session-ends", daemon=True).start()
-        threading.Thread(target=self._follow_lease_ends, name="lease-ends", daemon=True).start()
+        self.channel.start(on_leases_ended=self._leases_ended, on_session_ended=self.end_session)
         while not self._stop.is_set():
             try:
                 conn, addr = self.listener.accept()
@@ -349,7 +344,7 @@ class Agent:
             if missing:
                 raise GrantTokenError(f"this agent has no device {missing}")
             self._admit_once(claims)
-            if claims["lease"] in self._ended:
+            if claims["lease"] in self.channel.ended:
                 raise GrantTokenError("the lease of this grant has ended; request a new one")
             conn.settimeout(None)
             for _ in range(2):  # a sandbox killed (idle, lease ended) just as we picked it: once more
@@ -365,7 +360,8 @@ class Agent:
                         continue
                     confirmed = None
                     if float(claims["exp"]) - time.time() - self._margin(claims) < 0.5:
-                        confirmed = self._confirm(claims)  # a slow start used up most of the grant
+                        # a slow start used up most of the grant: ask the broker first
+                        confirmed = self.channel.confirm(claims["lease"], self._margin(claims))
                     sandbox.running_lease = claims["lease"]
                     sandbox.last_used = time.monotonic()
                     sandbox.cells += 1
@@ -415,23 +411,6 @@ class Agent:
         ttl = max(float(claims["exp"]) - float(claims.get("iat", claims["exp"] - 30)), 0.1)
         return self.settings.fence_margin_s if self.settings.fence_margin_s is not None else min(1.0, ttl / 4)
 
-    def _confirm(self, claims: dict) -> tuple[float, float]:
-        """Ask the broker now whether a lease is live: ``(its expiry, the monotonic fence)``.
-        Used at admission when the grant is close to its fence (a slow sandbox start ate it)."""
-        url = f"{self.settings.broker_url}/v1/agents/{self.settings.agent_id}/leases/{claims['lease']}/watch"
-        sent = time.monotonic()
-        try:
-            r = self._broker_session().get(url, params={"wait": "0"}, timeout=2)
-            r.raise_for_status()
-            body = r.json()
-        except Exception as e:
-            raise GrantTokenError(f"the agent cannot confirm the lease with the broker ({e}) and the grant is "
-                                  "about to expire; request a new lease") from None
-        if body["state"] != "granted":
-            raise GrantTokenError(f"the lease has ended ({body['state']}: {body.get('end_reason')}); "
-                                  "request a new one")
-        return float(body["expires_at"]), sent + float(body["expires_at"]) - float(body["now"]) - self._margin(claims)
-
     def _watch_cell(self, conn: socket.socket, sandbox: "SandboxHandle", claims: dict,
                     confirmed: tuple[float, float] | None = None) -> None:
         cell = _WatchedCell(conn, sandbox, claims["lease"])
@@ -460,110 +439,15 @@ class Agent:
                                  f"(less a {c.margin:.2g} s margin); fenced so the slice cannot be used twice")
             elif not c.watching and now - c.admitted_at >= FIRST_WATCH_AFTER_S:
                 c.watching = True
-                self._watchers.submit(self._watch_lease, c)
+                self.channel.watch(c, running=lambda c=c: not c.ended and c.sandbox.running_lease == c.lease,
+                                   over=lambda why, c=c: self._lease_over(c.sandbox, c.lease, why))
 
-    def _broker_session(self) -> requests.Session:
-        s = getattr(self._local, "http", None)
-        if s is None:  # one connection per watcher thread: a long poll holds it
-            s = self._local.http = requests.Session()
-            s.headers["Authorization"] = f"Bearer {self.settings.agent_token}"
-        return s
-
-    def _watch_lease(self, cell: "_WatchedCell") -> None:
-        """Long-poll the broker about one running cell's lease: stop the cell when the lease ends,
-        and move its fence when a renewal is confirmed. Errors just retry: the fence decides."""
-        url = f"{self.settings.broker_url}/v1/agents/{self.settings.agent_id}/leases/{cell.lease}/watch"
-        http = self._broker_session()
-        while not self._stop.is_set() and not cell.ended and cell.sandbox.running_lease == cell.lease:
-            left = cell.fence - time.monotonic()
-            if left <= 0:
-                return  # the guard stops it
-            wait = max(0.0, min(5.0, left - 0.25))
-            sent = time.monotonic()
-            try:
-                r = http.get(url, params={"known": repr(cell.expires_at), "wait": f"{wait:.3f}"},
-                             timeout=(min(1.0, left), wait + min(1.0, max(left - wait, 0.05))))
-                if r.status_code == 404:
-                    self._lease_over(cell.sandbox, cell.lease, "the broker knows no such lease for this agent")
-                    return
-                r.raise_for_status()
-                body = r.json()
-            except Exception as e:
-                log.debug("lease watch of %s failed: %s", cell.lease, e)
-                time.sleep(min(0.05, max(cell.fence - time.monotonic(), 0)))
-                continue
-            if body["state"] != "granted":
-                self._lease_over(cell.sandbox, cell.lease, f"the lease is {body['state']} ({body.get('end_reason')})")
-                return
-            cell.expires_at = float(body["expires_at"])
-            cell.fence = sent + (cell.expires_at - float(body["now"])) - cell.margin
-
-    def _tell_broker_forever(self) -> None:
-        """Tell the broker that cells ended, off the watcher thread: the lease is released at once,
-        so a kernel that died mid-cell frees its slice in well under a second."""
-        http = requests.Session()
-        http.headers["Authorization"] = f"Bearer {self.settings.agent_token}"
-        while True:
-            lease, reason = self._tell.get()
-            if lease is None:
-                return
-            for attempt in range(3):
-                try:
-                    http.post(f"{self.settings.broker_url}/v1/agents/{self.settings.agent_id}/leases/{lease}/ended",
-                              json={"reason": reason}, timeout=2)
-                    break
-                except Exception:  # the broker is down: the lease expires at its TTL instead
-                    time.sleep(0.1)
-
-    def _follow_lease_ends(self) -> None:
-        """The broker's push of this agent's ended leases (a long poll): a released grant admits
-        nothing from then on, and a cell of an ended lease stops, within ~100 ms of the end."""
-        http = requests.Session()
-        http.headers["Authorization"] = f"Bearer {self.settings.agent_token}"
-        url = f"{self.settings.broker_url}/v1/agents/{self.settings.agent_id}/lease-ends"
-        since = None
-        while not self._stop.is_set():
-            try:
-                params = {"wait": "5"} if since is None else {"since": repr(since), "wait": "5"}
-                r = http.get(url, params=params, timeout=10)
-                r.raise_for_status()
-                body = r.json()
-            except Exception:
-                self._stop.wait(0.2)
-                continue
-            since = float(body["until"])
-            if not body["ended"]:
-                continue
-            now = time.monotonic()
-            with self._lock:
-                for lease in body["ended"]:
-                    self._ended.setdefault(lease, now)
-                if len(self._ended) > 100000:  # grants live minutes at most; forget the oldest ends
-                    cutoff = now - 3600
-                    self._ended = {k: v for k, v in self._ended.items() if v > cutoff}
-                ended = set(body["ended"])
-                running = [(s, s.running_lease) for s in self._sandboxes.values() if s.running_lease in ended]
-            for s, lease in running:
-                self._lease_over(s, lease, "the broker ended the lease")
-
-    def _follow_session_ends(self) -> None:
-        """Reclaim the sandboxes of sessions that ended (their kernel shut down or stopped beating)."""
-        http = requests.Session()
-        http.headers["Authorization"] = f"Bearer {self.settings.agent_token}"
-        url = f"{self.settings.broker_url}/v1/agents/{self.settings.agent_id}/session-ends"
-        seq = None
-        while not self._stop.is_set():
-            try:
-                r = http.get(url, params={"since": seq or 0, "wait": 0 if seq is None else 5}, timeout=10)
-                r.raise_for_status()
-                body = r.json()
-            except Exception:
-                self._stop.wait(1.0)
-                continue
-            if seq is not None:  # the first answer only says where the log stands now
-                for user, session in body["ended"]:
-                    self.end_session(user, session)
-            seq = body["seq"]
+    def _leases_ended(self, ended: set) -> None:
+        """The broker's push: stop the cells of leases that ended."""
+        with self._lock:
+            running = [(s, s.running_lease) for s in self._sandboxes.values() if s.running_lease in ended]
+        for s, lease in running:
+            self._lease_over(s, lease, "the broker ended the lease")
 
     def end_session(self, user: str, session: str) -> int:
         """Kill every sandbox of one notebook session (a running cell's too); how many."""
@@ -594,7 +478,7 @@ class Agent:
                     if not cell.ended:
                         self._cell_over(cell.sandbox, cell.lease)
                     # A grant admits one cell: once its connection is gone the lease is spent.
-                    self._tell.put((cell.lease, "the cell's connection closed"))
+                    self.channel.cell_ended(cell.lease, "the cell's connection closed")
                 elif cell.abandoned_at is None:
                     # The kernel hung up while the sandbox is still in the cell (an interrupt it
                     # ignored, or code stuck in C): give it a moment to notice, then replace it.
@@ -927,7 +811,7 @@ class Agent:
                 spare[2].kill()
         if self.cgroups.enforced:
             self.cgroups.remove()
-        self._tell.put((None, ""))
+        self.channel.close()
         if self._own_root:
             shutil.rmtree(self._root, ignore_errors=True)
 
