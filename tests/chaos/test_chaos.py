@@ -8,7 +8,9 @@ import os
 
 import pytest
 
-import chaos
+from .conftest import load_benchmark
+
+chaos = load_benchmark("chaos")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the trials count a cell's processes by uid and cgroup "
                                                          "(a root agent)")

@@ -3,7 +3,9 @@ the README's figure is its 500-session run)."""
 
 from __future__ import annotations
 
-import soak_sessions
+from .conftest import load_benchmark
+
+soak_sessions = load_benchmark("soak_sessions")
 
 
 def test_sessions_started_and_stopped_leave_the_agent_at_its_baseline():
