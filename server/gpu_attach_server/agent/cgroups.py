@@ -288,7 +288,7 @@ class CgroupTree:
             return f"cgroup v2 at {self.parents['unified']}: memory and pids limits, freeze, kill"
         if self.version == 1:
             return (f"cgroup v1 ({', '.join(str(p) for p in self.parents.values())}): memory and pids limits, "
-                    "freezer, kill by freezing then signalling every member")
+                    "freezer, kill by signalling every member until none is left")
         return f"NO cgroups ({self.why}): not enforced: {', '.join(self.missing)}"
 
     def create(self, label: str) -> Cgroup:
