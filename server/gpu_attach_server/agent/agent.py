@@ -119,6 +119,7 @@ class SandboxHandle:
     cgroup: Cgroup | None = None
     uid: int | None = None
     running_lease: str | None = None
+    running_since: float = 0.0
     cells: int = 0
     dead: bool = False
     last_used: float = field(default_factory=time.monotonic)
@@ -229,6 +230,7 @@ class Agent:
 
     def _beat_forever(self) -> None:
         while not self._stop.wait(self.heartbeat_interval):
+            asked = time.monotonic()
             try:
                 r = self.http.post(
                     f"{self.settings.broker_url}/v1/agents/{self.settings.agent_id}/heartbeat",
@@ -239,7 +241,7 @@ class Agent:
                     self.register()
                     continue
                 r.raise_for_status()
-                self._enforce(set(r.json()["active"]))
+                self._enforce(set(r.json()["active"]), asked)
                 self._reap_idle()
             except Exception as e:  # the broker may be restarting; keep beating
                 log.warning("heartbeat failed: %s", e)
@@ -248,10 +250,12 @@ class Agent:
         with self._lock:
             return [s.running_lease for s in self._sandboxes.values() if s.running_lease]
 
-    def _enforce(self, active: set[str]) -> None:
-        """Stop every cell whose lease the broker no longer grants."""
+    def _enforce(self, active: set[str], asked: float) -> None:
+        """Stop every cell whose lease the broker no longer grants. A cell admitted after the
+        heartbeat was sent may hold a lease newer than the answer: the lease feed covers it."""
         with self._lock:
-            running = [(s, s.running_lease) for s in self._sandboxes.values() if s.running_lease]
+            running = [(s, s.running_lease) for s in self._sandboxes.values()
+                       if s.running_lease and s.running_since < asked]
         for s, lease in running:
             if lease in active:
                 continue
@@ -363,7 +367,7 @@ class Agent:
                         # a slow start used up most of the grant: ask the broker first
                         confirmed = self.channel.confirm(claims["lease"], self._margin(claims))
                     sandbox.running_lease = claims["lease"]
-                    sandbox.last_used = time.monotonic()
+                    sandbox.running_since = sandbox.last_used = time.monotonic()
                     sandbox.cells += 1
                     if sandbox.cgroup is not None:
                         sandbox.cgroup.set_memory(self._host_memory(claims))
