@@ -40,7 +40,7 @@ from jupyter_gpu_attach import wire
 from .. import __version__
 from ..grant_tokens import GrantTokenError, GrantVerifier
 from .broker_channel import BrokerChannel
-from .cgroups import Cgroup, CgroupTree
+from .cgroups import Cgroup, CgroupError, CgroupTree
 from .enrolment import AgentKey
 from .identities import UserIds, parse_range
 from .inventory import Device
@@ -262,7 +262,7 @@ class Agent:
             with s.lock:  # the same cell still, not a newer one admitted since the snapshot
                 if s.running_lease != lease:
                     continue
-                if self._settle(s) == "done":  # it had ended; the kernel released it since
+                if self._settle(s, finishing_s=0.05) == "done":  # it had ended; the kernel released it since
                     self._freeze(s)
                     continue
                 log.warning("stopping the cell of lease %s: the lease has ended", lease)
@@ -273,7 +273,7 @@ class Agent:
         with s.lock:
             if s.running_lease != lease or s.dead:
                 return
-            if self._settle(s) == "done":
+            if self._settle(s, finishing_s=0.05) == "done":  # its kernel released it as the cell ended
                 self._freeze(s)
                 return
             log.warning("stopping the cell of lease %s: %s", lease, why)
@@ -356,7 +356,9 @@ class Agent:
                 with sandbox.lock:
                     if sandbox.dead:
                         continue
-                    state = self._settle(sandbox) if sandbox.running_lease else "done"
+                    # Its last cell's kernel hung up on the result a moment before the sandbox
+                    # closed its end: wait for that, not kill a sandbox that is only finishing.
+                    state = self._settle(sandbox, finishing_s=0.5) if sandbox.running_lease else "done"
                     if state == "running":
                         raise GrantTokenError("a cell of this session is already running; wait for it to finish")
                     if state == "abandoned":  # its kernel gave up on the last cell: start afresh
@@ -507,12 +509,14 @@ class Agent:
             pass
         cell.conn.close()
 
-    def _settle(self, sandbox: "SandboxHandle") -> str:
+    def _settle(self, sandbox: "SandboxHandle", finishing_s: float = 0.0) -> str:
         """With the sandbox's lock held: is its running cell really still running? Its next cell,
         or a heartbeat, can come before the watcher thread has seen the last one end.
 
         ``done``: it ended (running_lease is cleared); ``abandoned``: its kernel hung up but the
-        sandbox is still in the cell; ``running``: it is running."""
+        sandbox is still in the cell; ``running``: it is running. A kernel hangs up as soon as
+        it has the result, a moment before the sandbox closes its end: ``finishing_s`` waits
+        that long for the sandbox to close before calling the cell abandoned."""
         with self._lock:
             cell = next((c for c in self._cells.values()
                          if c.sandbox is sandbox and c.lease == sandbox.running_lease), None)
@@ -521,6 +525,10 @@ class Agent:
             p.register(cell.conn.fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
             ev = p.poll(0)
             ev = ev[0][1] if ev else 0
+            if finishing_s and ev & select.POLLRDHUP and not ev & (select.POLLHUP | select.POLLERR):
+                p.modify(cell.conn.fileno(), select.POLLHUP | select.POLLERR)
+                ev = p.poll(finishing_s * 1000)
+                ev = (ev[0][1] if ev else 0) | select.POLLRDHUP
             if not ev & (select.POLLHUP | select.POLLERR):
                 return "abandoned" if ev & select.POLLRDHUP else "running"
             cell.ended = True  # the watcher will close it
@@ -544,7 +552,7 @@ class Agent:
             try:
                 s.cgroup.freeze()
                 return
-            except OSError as e:
+            except (OSError, CgroupError) as e:
                 log.warning("could not freeze sandbox pid %d (%s): killing it", s.proc.pid, e)
                 self._kill_locked(s)
                 return
@@ -737,7 +745,9 @@ class Agent:
         if s.cgroup is not None and s.cgroup.oom_kills():
             self._tell_out_of_memory(s)
         self._kill(s)
-        s.proc.wait()
+        code = s.proc.wait()
+        if not s.dead or code not in (-signal.SIGKILL, 0):
+            log.info("sandbox pid %d exited with code %s", s.proc.pid, code)
         s.ctl.close()
         shutil.rmtree(s.workdir, ignore_errors=True)
 
@@ -770,6 +780,8 @@ class Agent:
 
     def _kill_locked(self, s: SandboxHandle) -> None:
         """Kill a sandbox (its lock held) and hang up its cell's kernel connection, if any."""
+        if not s.dead:
+            log.info("killing sandbox pid %d", s.proc.pid, stack_info=log.isEnabledFor(logging.DEBUG))
         s.dead = True
         _killpg(s.proc)
         if s.cgroup is not None:

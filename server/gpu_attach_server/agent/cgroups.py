@@ -97,14 +97,17 @@ class Cgroup:
                 pass
         return sorted(seen)
 
-    def freeze(self) -> None:
-        """Stop every process in the cgroup, ``setsid`` children included, and wait until they are."""
-        self._set_frozen(True)
+    def freeze(self, wait: bool = False) -> None:
+        """Stop every process in the cgroup, ``setsid`` children included. The kernel stops each
+        at its next safe point (microseconds, unless it is in an uninterruptible wait); ``wait``
+        waits until all are stopped. Not waiting keeps a process stuck in I/O from stalling the
+        next cell's admission."""
+        self._set_frozen(True, wait)
 
     def thaw(self) -> None:
-        self._set_frozen(False)
+        self._set_frozen(False, False)
 
-    def _set_frozen(self, frozen: bool) -> None:
+    def _set_frozen(self, frozen: bool, wait: bool = True) -> None:
         if self.tree.version == 2:
             d = self.dirs["unified"]
             _write(d / "cgroup.freeze", "1" if frozen else "0")
@@ -115,6 +118,8 @@ class Cgroup:
             state = "FROZEN" if frozen else "THAWED"
             _write(d / "freezer.state", state)
             check = lambda: _read(d / "freezer.state").strip() == state  # noqa: E731
+        if not wait:
+            return
         deadline = time.monotonic() + FREEZE_TIMEOUT_S
         while not check():
             if time.monotonic() > deadline:
