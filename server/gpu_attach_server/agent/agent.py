@@ -484,7 +484,8 @@ class Agent:
                     if not cell.ended:
                         self._cell_over(cell.sandbox, cell.lease)
                     # A grant admits one cell: once its connection is gone the lease is spent.
-                    self.channel.cell_ended(cell.lease, "the cell's connection closed")
+                    self.channel.cell_ended(cell.lease, "the cell's connection closed",
+                                            now=cell.ended or cell.abandoned_at is not None)
                 elif cell.abandoned_at is None:
                     # The kernel hung up while the sandbox is still in the cell (an interrupt it
                     # ignored, or code stuck in C): give it a moment to notice, then replace it.

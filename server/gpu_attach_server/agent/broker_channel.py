@@ -113,8 +113,10 @@ class BrokerChannel:
             cell.expires_at = float(body["expires_at"])
             cell.fence = sent + (cell.expires_at - float(body["now"])) - cell.margin
 
-    def cell_ended(self, lease: str, reason: str) -> None:
-        self._tell.put((lease, reason, time.monotonic() + TELL_AFTER_S))
+    def cell_ended(self, lease: str, reason: str, now: bool = False) -> None:
+        """Release ``lease`` on the broker: ``now`` when the agent stopped the cell or the kernel
+        left mid-cell; else after a moment, unless the kernel released it meanwhile."""
+        self._tell.put((lease, reason, time.monotonic() + (0.0 if now else TELL_AFTER_S)))
 
     def _tell_forever(self) -> None:
         http = self.http()
