@@ -11,6 +11,9 @@ import time
 
 import pytest
 
+from conftest import TOKENS
+from jupyter_gpu_attach import GPUSession
+
 from .conftest import needs_root, run
 
 pytestmark = [needs_root, pytest.mark.usefixtures("neighbour_survives")]
@@ -134,7 +137,8 @@ def test_a_setsid_child_is_frozen_between_cells_and_dies_with_the_session(alice,
     assert not _alive(pid), "a process a cell started outlived its session"
 
 
-def test_a_fork_bomb_hits_the_pids_limit_and_harms_no_one_else(alice):
+def test_a_fork_bomb_hits_the_pids_limit_and_harms_no_one_else(site):
+    alice = GPUSession(site.url, TOKENS["alice"], session_id="alice-bomb")
     ns = run(alice, "import os, time\nforked, error = 0, None\n"
                     "try:\n"
                     "    for _ in range(5000):\n"
