@@ -152,6 +152,15 @@ class BrokerClient:
     def whoami(self) -> dict:
         return self._call("GET", "/v1/whoami")
 
+    def session_alive(self, session: str) -> dict:
+        """Say the notebook session still lives (its kernel beats this every ``beat_s`` of the answer);
+        a session that stops beating is ended and its sandboxes reclaimed."""
+        return self._call("POST", f"/v1/sessions/{session}/alive")
+
+    def end_session(self, session: str) -> dict:
+        """The kernel shuts down: the agents reclaim this session's sandboxes now."""
+        return self._call("DELETE", f"/v1/sessions/{session}")
+
 
 def _describe_422(detail) -> str:
     if isinstance(detail, list):

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, MutableMapping, TextIO
 
-from . import wire
+from . import agent_identity, wire
 from .broker_client import DEFAULT_WAIT_S, BrokerClient
 from .cell_analysis import analyse
 from .environment import environment
@@ -331,8 +331,10 @@ class _Exchange:
         why_interrupted = ""
         # A small cell goes right behind the hello (one round trip less); a large one waits
         # until the agent has accepted the grant, so a refusal costs no wasted transfer.
-        pipelined = size <= wire.PIPELINE_MAX_BYTES
-        wire.send_frame(sock, {"op": "hello", "token": self.lease["token"], "protocol": wire.PROTOCOL_VERSION})
+        hello = {"op": "hello", "token": self.lease["token"], "protocol": wire.PROTOCOL_VERSION,
+                 **agent_identity.hello_fields(self.lease)}
+        pipelined = size <= wire.PIPELINE_MAX_BYTES and "nonce" not in hello  # nothing to an unproven agent
+        wire.send_frame(sock, hello)
         if pipelined:
             wire.send_frame(sock, header, buffers)
         try:
@@ -344,6 +346,7 @@ class _Exchange:
             raise CellRejected(f"{where} refused the cell: {admitted.header.get('message')}")
         if admitted.op != "admitted":
             raise CellRejected(f"{where} answered {admitted.op!r} to hello")
+        agent_identity.check_admitted(self.lease, hello, admitted.header)
         sock.settimeout(None)
         if not pipelined:
             wire.send_frame(sock, header, buffers)

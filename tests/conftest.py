@@ -36,6 +36,8 @@ class Site:
     lease_ttl: float = 30.0
     procs: list = field(default_factory=list)
     agents: dict = field(default_factory=dict)
+    credentials: dict = field(default_factory=dict)
+    ready: dict = field(default_factory=dict)
     url: str = ""
 
     def env(self) -> dict:
@@ -52,16 +54,35 @@ class Site:
         self.procs.append(proc)
         self.url = wait_ready(proc, "the broker")["url"]
 
-    def start_agent(self, name: str = "gpu-host-1", simulate: int = 2, memory: str = "16GiB") -> subprocess.Popen:
-        env = {k: v for k, v in self.env().items() if k not in ("GPU_ATTACH_USER_TOKENS", "GPU_ATTACH_ADMIN_TOKEN")}
+    def enrol(self, name: str) -> str:
+        """The admin issues agent ``name`` its own credential (as a site would)."""
+        if name not in self.credentials:
+            with self.client("admin") as c:
+                r = c.post(f"/v1/agents/{name}/credential")
+                assert r.status_code == 201, r.text
+                self.credentials[name] = r.json()["token"]
+        return self.credentials[name]
+
+    def start_agent(self, name: str = "gpu-host-1", simulate: int = 2, memory: str = "16GiB",
+                    extra: tuple = ()) -> subprocess.Popen:
+        env = {k: v for k, v in self.env().items()
+               if k not in ("GPU_ATTACH_USER_TOKENS", "GPU_ATTACH_ADMIN_TOKEN", "GPU_ATTACH_AGENT_TOKENS")}
+        env["GPU_ATTACH_AGENT_TOKEN"] = TOKENS["agent9"] if name == "gpu-host-9" else self.enrol(name)
+        if os.geteuid() != 0:  # no per-user uids or cgroups without root: say so, and run anyway
+            extra = (*extra, "--allow-unenforced")
         proc = subprocess.Popen(
             [sys.executable, "-m", "gpu_attach_server.cli", "agent", "--broker", self.url, "--name", name,
-             "--simulate", str(simulate), "--memory", memory],
+             "--simulate", str(simulate), "--memory", memory, "--state-dir", str(self.tmp / f"agent-{name}"),
+             *extra],
             env=env, stdout=subprocess.PIPE, text=True)
         self.procs.append(proc)
-        wait_ready(proc, f"agent {name}")
+        self.ready[name] = wait_ready(proc, f"agent {name}")
         self.agents[name] = proc
         return proc
+
+    def agents_address(self, name: str = "gpu-host-1") -> str:
+        """The data port address of agent ``name``."""
+        return self.ready[name]["address"]
 
     def client(self, who: str = "alice") -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKENS[who]}"}, timeout=30)

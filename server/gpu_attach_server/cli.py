@@ -155,7 +155,7 @@ def run_broker(args) -> int:
     from .grant_tokens import GrantSigner
 
     state = Path(args.state_dir).expanduser()
-    state.mkdir(parents=True, exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)  # the signing key and database: the site's only
     try:
         tokens = _load_tokens(args)
         problem = _token_problem(tokens, args)
@@ -164,12 +164,16 @@ def run_broker(args) -> int:
     if problem:
         print(f"gpu-attach broker: {problem}", file=sys.stderr)
         return 2
-    if not tokens["agent"] and not tokens["agents"]:
-        print("gpu-attach broker: set GPU_ATTACH_AGENT_TOKENS=\"host1:TOKEN,host2:TOKEN\" (one token per agent, "
-              "bound to its --name) or GPU_ATTACH_AGENT_TOKEN (one token any agent may use)", file=sys.stderr)
-        return 2
+    if tokens["agent"]:
+        log.warning("GPU_ATTACH_AGENT_TOKEN (one token for any agent) is ignored: enrol each agent with its own "
+                    "credential (POST /v1/agents/ID/credential as the admin, or GPU_ATTACH_AGENT_TOKENS=\"ID:TOKEN\")")
     if not tokens["users"] and not tokens["admin"]:
         print("gpu-attach broker: no user can log in: set GPU_ATTACH_USER_TOKENS or GPU_ATTACH_ADMIN_TOKEN",
+              file=sys.stderr)
+        return 2
+    if not tokens["agents"] and not tokens["admin"]:
+        print("gpu-attach broker: no agent can enrol: set GPU_ATTACH_AGENT_TOKENS=\"host1:TOKEN,host2:TOKEN\" (one "
+              "token per agent, bound to its --name) or GPU_ATTACH_ADMIN_TOKEN (to issue agent credentials)",
               file=sys.stderr)
         return 2
     book = TokenBook(tokens["users"], tokens["admin"], tokens["agent"], tokens["agents"])
@@ -205,31 +209,46 @@ def run_agent(args) -> int:
     from .agent.agent import Agent, AgentSettings, new_agent_id
     from .agent.inventory import discover
 
-    token = os.environ.get("GPU_ATTACH_AGENT_TOKEN")
+    from .agent.agent import EnrolmentError, IsolationError
+
+    token = os.environ.pop("GPU_ATTACH_AGENT_TOKEN", None)  # popped: no child process inherits it
     if args.agent_token_file:
         token = Path(args.agent_token_file).read_text().strip()
     if not token:
-        print("gpu-attach agent: set GPU_ATTACH_AGENT_TOKEN or --agent-token-file", file=sys.stderr)
+        print("gpu-attach agent: set GPU_ATTACH_AGENT_TOKEN or --agent-token-file to this agent's own credential "
+              "(the broker's admin issues it: POST /v1/agents/ID/credential)", file=sys.stderr)
         return 2
-    if (os.geteuid() == 0 and not args.sandbox_user
-            and not ipaddress.ip_address(socket.gethostbyname(args.host)).is_loopback):
-        print("gpu-attach agent: this agent runs as root and serves other hosts: cells would run as root too. "
-              "Pass --sandbox-user USER (an unprivileged account) so user code cannot reach the agent.",
+    if os.geteuid() == 0 and args.single_user and not ipaddress.ip_address(socket.gethostbyname(args.host)).is_loopback:
+        print("gpu-attach agent: --single-user as root serves cells as root: allowed only on a loopback --host",
               file=sys.stderr)
         return 2
+    uid_map = None
+    if args.uid_map:
+        uid_map = {str(k): int(v) for k, v in json.loads(Path(args.uid_map).read_text()).items()}
     devices, why = discover(args.simulate, parse_size(args.memory), args.pool)
     if not args.simulate and all(d.simulated for d in devices):
         # Said at the default level: a GPU host that silently serves a CPU stand-in is a broken GPU host.
         print(f"gpu-attach agent: {why}", file=sys.stderr, flush=True)
     else:
         log.info("agent inventory: %s", why)
+    agent_id = args.name or new_agent_id()
     settings = AgentSettings(
-        broker_url=args.broker.rstrip("/"), agent_token=token, agent_id=args.name or new_agent_id(),
+        broker_url=args.broker.rstrip("/"), agent_token=token, agent_id=agent_id,
         host=args.host, port=args.port, advertise_host=args.advertise_host,
         max_payload=parse_size(args.max_payload), sandbox_idle_s=args.sandbox_idle,
-        sandbox_user=args.sandbox_user, spare_sandboxes=args.spare_sandboxes)
-    agent = Agent(settings, devices)
+        sandbox_user=args.sandbox_user, spare_sandboxes=args.spare_sandboxes,
+        state_dir=args.state_dir or str(Path("~/.local/state/gpu-attach-agent").expanduser() / agent_id),
+        single_user=args.single_user, sandbox_uids=args.sandbox_uids, uid_map=uid_map,
+        sandbox_memory=args.sandbox_memory, sandbox_pids=args.sandbox_pids,
+        allow_unenforced=args.allow_unenforced, fence_margin_s=args.fence_margin)
+    try:
+        agent = Agent(settings, devices)
+    except IsolationError as e:
+        print(f"gpu-attach agent: {e}", file=sys.stderr)
+        return 2
+    log.warning("agent %s isolation: %s", agent_id, agent.isolation_report())
     if not _register(agent, settings, REGISTER_PATIENCE_S):
+        agent.stop()
         return 2
 
     def stop(*_):
@@ -240,7 +259,8 @@ def run_agent(args) -> int:
         _watch_parent(args.exit_with_parent, stop)
     _freeze_startup_objects()
     _emit({"event": "ready", "role": "agent", "agent_id": settings.agent_id, "address": agent.address,
-           "devices": [d.to_json() for d in devices], "pid": os.getpid()})
+           "devices": [d.to_json() for d in devices], "pid": os.getpid(), "isolation": agent.isolation_report(),
+           "unenforced": agent.unenforced()})
     try:
         agent.serve_forever()
     except KeyboardInterrupt:
@@ -259,6 +279,8 @@ def _register(agent, settings, patience: float) -> bool:
     run) is said at once, in one line, and retried quietly for ``patience`` seconds."""
     import requests
 
+    from .agent.agent import EnrolmentError
+
     url = settings.broker_url
     deadline = time.monotonic() + patience
     told = set()
@@ -266,6 +288,9 @@ def _register(agent, settings, patience: float) -> bool:
         try:
             agent.register()
             return True
+        except EnrolmentError as e:  # waiting cannot fix a credential the broker does not know
+            print(f"gpu-attach agent: {e}", file=sys.stderr)
+            return False
         except requests.ConnectionError:
             kind, line = "unreachable", (
                 f"cannot reach the broker at {url}: check --broker (or GPU_ATTACH_BROKER_URL) and that "
@@ -275,8 +300,9 @@ def _register(agent, settings, patience: float) -> bool:
             status, detail = _refusal(str(e))
             if status == 401:
                 print(f"gpu-attach agent: the broker at {url} does not know this agent's token: set "
-                      "GPU_ATTACH_AGENT_TOKEN (or --agent-token-file) to the broker's GPU_ATTACH_AGENT_TOKEN, "
-                      "or to this agent's entry in the broker's GPU_ATTACH_AGENT_TOKENS", file=sys.stderr)
+                      "GPU_ATTACH_AGENT_TOKEN (or --agent-token-file) to this agent's own credential (the admin "
+                      f"issues it: POST /v1/agents/{settings.agent_id}/credential, or the broker's "
+                      "GPU_ATTACH_AGENT_TOKENS entry for it)", file=sys.stderr)
                 return False
             if status == 403:
                 print(f"gpu-attach agent: the broker at {url} refused this agent: {detail}. Use the agent token "
@@ -329,8 +355,9 @@ class LocalPool:
         self.procs: dict[str, subprocess.Popen] = {}
         sock = socket.create_server((host, port), backlog=512)
         self.url = f"http://{host}:{sock.getsockname()[1]}"
-        env = dict(os.environ, GPU_ATTACH_ADMIN_TOKEN=self.admin_token, GPU_ATTACH_AGENT_TOKEN=self.agent_token,
+        env = dict(os.environ, GPU_ATTACH_ADMIN_TOKEN=self.admin_token, GPU_ATTACH_AGENT_TOKENS=f"local:{self.agent_token}",
                    GPU_ATTACH_USER_TOKENS=f"{self.user}:{self.user_token}")
+        env.pop("GPU_ATTACH_AGENT_TOKEN", None)
         parent = ["--exit-with-parent", str(exit_with_parent or os.getpid())]
         common = [sys.executable, "-m", "gpu_attach_server.cli", "--log-level", log_level]
         # The broker gets the already-listening socket, so the agent can start at the same time:
@@ -341,11 +368,15 @@ class LocalPool:
                       "--lease-ttl", str(lease_ttl)] + parent,
             env=env, pass_fds=[sock.fileno()], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         sock.close()
-        agent_cmd = common + ["agent", "--broker", self.url, "--name", "local", "--memory", memory] + parent
+        # The embedded pool serves one user (the notebook's own): its cells run as that uid.
+        agent_cmd = common + ["agent", "--broker", self.url, "--name", "local", "--memory", memory, "--single-user",
+                              "--state-dir", os.path.join(self.state_dir, "agent")] + parent
         if simulate:
             agent_cmd += ["--simulate", str(simulate)]
         self.procs["agent"] = subprocess.Popen(
-            agent_cmd, env={k: v for k, v in env.items() if k != "GPU_ATTACH_USER_TOKENS"},
+            agent_cmd, env={**{k: v for k, v in env.items() if k not in ("GPU_ATTACH_USER_TOKENS", "GPU_ATTACH_ADMIN_TOKEN",
+                                                                          "GPU_ATTACH_AGENT_TOKENS")},
+                            "GPU_ATTACH_AGENT_TOKEN": self.agent_token},
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         try:
             self.broker_event = self._ready("broker")
@@ -472,7 +503,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--pool", default="default", help="pool label of this host's GPUs")
     a.add_argument("--max-payload", default="64GiB", help="largest cell input a kernel may send")
     a.add_argument("--sandbox-idle", type=float, default=600.0, help="seconds an idle sandbox stays warm")
-    a.add_argument("--sandbox-user", help="run cells as this unprivileged user (when the agent runs as root)")
+    a.add_argument("--sandbox-user", help="run every user's cells as this one unprivileged account (weaker than "
+                   "the default per-user uids: users can then signal each other's cells)")
+    a.add_argument("--sandbox-uids", default="60000-60999",
+                   help="a root agent runs each broker user's cells as its own uid from this range (default 60000-60999)")
+    a.add_argument("--uid-map", help='JSON file {"alice": 1001}: run these users\' cells as their own accounts')
+    a.add_argument("--single-user", action="store_true",
+                   help="one user's own pool (the embedded default): cells run as the agent's uid")
+    a.add_argument("--sandbox-memory", default="1x",
+                   help="host-memory limit per sandbox: a multiple of the slice's GPU memory (2x) or a size (8GiB); "
+                        "at least 1 GiB (default 1x)")
+    a.add_argument("--sandbox-pids", type=int, default=1024, help="processes and threads per sandbox (default 1024)")
+    a.add_argument("--allow-unenforced", action="store_true",
+                   help="serve other users even where cgroups or per-user uids cannot be enforced (said at start)")
+    a.add_argument("--fence-margin", type=float,
+                   help="stop a cell whose lease is not confirmed this many seconds before its TTL "
+                        "(default: the smaller of 1 s and a quarter of the TTL)")
+    a.add_argument("--state-dir", help="the agent's key and uid assignments (default ~/.local/state/gpu-attach-agent/ID)")
     a.add_argument("--spare-sandboxes", type=int, default=1, choices=[0, 1],
                    help="keep a sandbox process started, so a new session's first cell does not wait for one")
     a.add_argument("--agent-token-file", help="file holding the agent token (default: $GPU_ATTACH_AGENT_TOKEN)")

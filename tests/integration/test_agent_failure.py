@@ -62,6 +62,11 @@ def test_agent_stops_a_cell_whose_lease_ended(make_site):
     from jupyter_gpu_attach import wire
 
     site = make_site(heartbeat=0.2, agent_timeout=5.0, lease_ttl=1.0)
+    # Warm the session's sandbox first: a cold start can take longer than this 1 s TTL, and the
+    # agent admits no grant whose lease has already ended.
+    from jupyter_gpu_attach import GPUSession
+
+    GPUSession(site.url, TOKENS["alice"], session_id="s").run("pass", {})
     with site.client("alice") as c:
         lease = c.post("/v1/leases", json={"session": "s", "fraction": 0.5}).json()
     host, port = lease["agent"]["address"].rsplit(":", 1)

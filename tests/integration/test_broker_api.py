@@ -41,7 +41,7 @@ def test_a_lease_belongs_to_its_owner(site):
 
 
 def test_roles_are_kept_apart(site):
-    with httpx.Client(base_url=site.url, headers={"Authorization": f"Bearer {TOKENS['agent']}"}) as agent:
+    with httpx.Client(base_url=site.url, headers={"Authorization": f"Bearer {TOKENS['agent9']}"}) as agent:
         assert agent.post("/v1/leases", json={"session": "s", "gpus": 1}).status_code == 403
     with site.client("alice") as alice:
         r = alice.post("/v1/agents", json={"agent_id": "evil", "address": "127.0.0.1:1", "devices": []})
@@ -55,9 +55,14 @@ def test_an_agent_token_bound_to_an_id_acts_only_as_that_agent(site):
         r = a9.post("/v1/agents", json={"agent_id": "gpu-host-1", "address": "127.0.0.1:1", "devices": [device]})
         assert r.status_code == 403 and "gpu-host-9" in r.json()["detail"]
         assert a9.post("/v1/agents/gpu-host-1/heartbeat", json={"incarnation": "x"}).status_code == 403
-        # A live agent's id cannot be taken over from another address, even with the shared token.
+    # The shared agent token authenticates nothing: it cannot register or replace an agent.
     with httpx.Client(base_url=site.url, headers={"Authorization": f"Bearer {TOKENS['agent']}"}) as shared:
         r = shared.post("/v1/agents", json={"agent_id": "gpu-host-1", "address": "127.0.0.1:1", "devices": [device]})
+        assert r.status_code == 401
+    # A live agent's id cannot be taken over from another address, even with its own credential.
+    own = site.credentials["gpu-host-1"]
+    with httpx.Client(base_url=site.url, headers={"Authorization": f"Bearer {own}"}) as a1:
+        r = a1.post("/v1/agents", json={"agent_id": "gpu-host-1", "address": "127.0.0.1:1", "devices": [device]})
         assert r.status_code == 409 and "in use by a live agent" in r.json()["detail"]
     assert all(g["agent_state"] == "up" for g in site.pool()["gpus"])
 

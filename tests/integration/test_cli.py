@@ -16,10 +16,12 @@ def _agent(*args, env=None):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the refusal is about agents running as root")
-def test_root_agent_serving_other_hosts_needs_a_sandbox_user():
-    r = _agent("--broker", "http://127.0.0.1:9", "--host", "0.0.0.0", "--simulate", "1")
+def test_root_single_user_agent_serving_other_hosts_is_refused():
+    """A root agent runs each user's cells as that user's uid; --single-user (cells as the agent's
+    own uid, root here) is only for a loopback pool."""
+    r = _agent("--broker", "http://127.0.0.1:9", "--host", "0.0.0.0", "--simulate", "1", "--single-user")
     assert r.returncode == 2
-    assert "--sandbox-user" in r.stderr
+    assert "--single-user" in r.stderr
 
 
 def test_agent_without_a_token_says_which_to_set():

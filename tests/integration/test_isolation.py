@@ -25,21 +25,26 @@ def run(session, source, ns=None):
 
 
 def test_threads_a_cell_starts_are_frozen_between_cells(session):
-    """The sandbox is stopped while no cell (no lease) is running, background threads included."""
+    """The sandbox is frozen while no cell (no lease) is running, background threads included.
+
+    The thread holds everything it uses (no global name a sandbox could clear), and the next cell
+    checks that it still ticks: so a thread that died cannot pass for a frozen one."""
     ns, _, _ = run(session, "import threading, time\n"
                             "ticks = []\n"
-                            "def tick():\n"
+                            "def tick(ticks=ticks, now=time.time, sleep=time.sleep):\n"
                             "    while True:\n"
-                            "        ticks.append(time.time())\n"
-                            "        time.sleep(0.02)\n"
+                            "        ticks.append(now())\n"
+                            "        sleep(0.02)\n"
                             "threading.Thread(target=tick, daemon=True).start()\n"
                             "import builtins\nbuiltins.gpu_attach_test_ticks = ticks\n"
                             "time.sleep(0.2)\nended = time.time()")
     time.sleep(1.0)
-    ns2, _, _ = run(session, "import builtins, time\nnow = time.time()\nseen = list(builtins.gpu_attach_test_ticks)")
+    ns2, _, _ = run(session, "import builtins, time\nnow = time.time()\ntime.sleep(0.3)\n"
+                             "seen = list(builtins.gpu_attach_test_ticks)")
     between = [t for t in ns2["seen"] if ns["ended"] + 0.1 < t < ns2["now"] - 0.05]
     assert not between, f"{len(between)} ticks ran while the session held no lease"
     assert any(t <= ns["ended"] for t in ns2["seen"]), "the thread did run during its cell"
+    assert any(t > ns2["now"] for t in ns2["seen"]), "the thread was alive, and ran again in the next cell"
 
 
 def test_output_of_child_processes_and_c_code_reaches_the_cell(session):

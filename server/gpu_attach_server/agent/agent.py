@@ -5,6 +5,13 @@ The agent verifies the token with the broker's public key (no broker round trip)
 starts the sandbox for that user, session and device set, and hands the connection's file
 descriptor to it. Every heartbeat answer lists the leases still granted; a sandbox running a
 cell whose lease has ended (released, expired, revoked) is killed, so no cell outlives its lease.
+
+Trust boundaries (docs/security.md): each user's sandboxes run as that user's own uid, in a
+private mount namespace, each in its own cgroup (host-memory and pids limits, frozen between
+cells, killed whole). A running cell's lease is watched on the broker (an end is seen within
+~100 ms) and fenced: a cell whose lease the agent cannot confirm is stopped a margin before its
+TTL, so its slice is never granted again while it runs. The agent proves its identity to each
+kernel by signing the kernel's nonce with its enrolled key.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import requests
 
@@ -31,15 +39,35 @@ from jupyter_gpu_attach import wire
 
 from .. import __version__
 from ..grant_tokens import GrantTokenError, GrantVerifier
+from .broker_channel import BrokerChannel
+from .cgroups import Cgroup, CgroupError, CgroupTree
+from .enrolment import AgentKey
+from .identities import UserIds, parse_range
 from .inventory import Device
+from .jail import needed_paths
 
 log = logging.getLogger("gpu_attach.agent")
 
 HELLO_LIMITS = wire.Limits(max_header_bytes=16384, max_buffers=0, max_payload_bytes=0)
-HELLO_TIMEOUT_S = 5.0  # for the whole hello, however slowly it trickles in
+HELLO_TIMEOUT_S = 2.0  # for the whole hello, however slowly it trickles in (a real one takes a millisecond)
 SANDBOX_START_TIMEOUT_S = 60.0
-ABANDON_GRACE_S = 2.0  # a sandbox whose kernel left mid-cell gets this long to stop, then is replaced
-MAX_ADMISSIONS = 64  # connections waiting for their hello at once; more are closed at once
+# A sandbox whose kernel left mid-cell (killed, or gave up on an interrupt) gets this long to stop
+# by itself, then is killed and its lease released: the slice is free within a second.
+ABANDON_GRACE_S = 0.5
+# Connections waiting for their hello: past either budget the oldest waiting one (from the same
+# address first) is dropped, so idle or trickling connections cannot crowd out real kernels,
+# whose hello arrives right after connecting.
+MAX_ADMISSIONS = 128
+MAX_PENDING_PER_ADDRESS = 32
+FIRST_WATCH_AFTER_S = 0.03  # a cell shorter than this ends before any lease watch is needed
+
+
+class IsolationError(RuntimeError):
+    """The host cannot keep this agent's users apart, and the agent was not told to accept that."""
+
+
+class EnrolmentError(RuntimeError):
+    """The broker does not know this agent's credential: it was not enrolled."""
 
 
 @dataclass
@@ -52,9 +80,18 @@ class AgentSettings:
     advertise_host: str | None = None
     max_payload: int = wire.MAX_PAYLOAD_BYTES
     sandbox_idle_s: float = 600.0
-    sandbox_user: str | None = None  # run cells as this (unprivileged) user when the agent is root
+    sandbox_user: str | None = None  # run every user's cells as this one (unprivileged) account
     spare_sandboxes: int = 1  # sandbox processes kept started, ready to be pinned to a new session
     workdir: str | None = None
+    state_dir: str | None = None  # the agent's key and uid assignments (None: in memory only)
+    single_user: bool = False  # an embedded pool: cells run as the agent's own uid (its one user)
+    sandbox_uids: str = "60000-60999"  # a root agent runs each broker user's cells as its own uid from here
+    uid_map: dict | None = None  # {broker user: uid}: users' real accounts, before the range
+    sandbox_memory: str = "1x"  # host-memory limit per sandbox: a multiple of the slice's GPU memory, or a size
+    sandbox_memory_min: int = 1 << 30
+    sandbox_pids: int = 1024
+    allow_unenforced: bool = False  # serve other users even where cgroups or uid separation are missing
+    fence_margin_s: float | None = None  # stop an unconfirmed cell this long before its TTL (default min(1 s, TTL/4))
 
 
 @dataclass
@@ -66,6 +103,11 @@ class _WatchedCell:
     lease: str
     ended: bool = False  # decided over by another thread; the watcher only has to close it
     abandoned_at: float | None = None  # the kernel hung up while the sandbox was still in the cell
+    admitted_at: float = field(default_factory=time.monotonic)
+    fence: float = float("inf")  # monotonic time by which the lease must be confirmed, or the cell stops
+    margin: float = 1.0
+    expires_at: float = 0.0  # the lease's expiry as last confirmed by the broker (its clock)
+    watching: bool = False
 
 
 @dataclass
@@ -74,7 +116,10 @@ class SandboxHandle:
     proc: subprocess.Popen
     ctl: socket.socket
     workdir: str
+    cgroup: Cgroup | None = None
+    uid: int | None = None
     running_lease: str | None = None
+    running_since: float = 0.0
     cells: int = 0
     dead: bool = False
     last_used: float = field(default_factory=time.monotonic)
@@ -91,25 +136,69 @@ class Agent:
         self.http.headers["Authorization"] = f"Bearer {settings.agent_token}"
         self._sandboxes: dict[tuple, SandboxHandle] = {}
         self._starting: dict[tuple, threading.Lock] = {}
-        self._spare: tuple[subprocess.Popen, socket.socket] | None = None
+        self._spare: tuple[subprocess.Popen, socket.socket, Cgroup | None] | None = None
         self._cells: dict[int, _WatchedCell] = {}
         self._epoll = select.epoll()
         self._admitted: dict[str, float] = {}  # lease -> expiry: each grant admits one cell
-        self._admitting = threading.BoundedSemaphore(MAX_ADMISSIONS)
+        self._pending: dict[socket.socket, str] = {}  # connections waiting for their hello -> address
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # Admission waits on the kernel's hello; a pool keeps a slow client from blocking others
-        # without paying for a new thread on every cell.
-        self._admitters = ThreadPoolExecutor(max_workers=32, thread_name_prefix="admit")
+        # without paying for a new thread on every cell. One thread per admission slot, so a real
+        # hello never queues behind idle connections.
+        self._admitters = ThreadPoolExecutor(max_workers=MAX_ADMISSIONS, thread_name_prefix="admit")
+        # Lease ends and session ends pushed by the broker, lease watches, cell ends told to it.
+        self.channel = BrokerChannel(settings.broker_url, settings.agent_id, settings.agent_token, self._stop)
         # Sandboxes ask the kernel to kill them when the thread that started them ends
         # (PR_SET_PDEATHSIG follows the thread, not the process), so one long-lived thread starts them all.
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawn")
+        self.state_dir = Path(settings.state_dir).expanduser() if settings.state_dir else None
+        if self.state_dir is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.state_dir, 0o700)
+        self.key = AgentKey.load_or_create(self.state_dir)
+        # Isolation: what this host can enforce, said at start (see isolation_report()).
+        self.cgroups = CgroupTree(settings.agent_id)
+        self.leftovers_killed = self.cgroups.kill_leftovers() if self.cgroups.enforced else 0
+        self.users: UserIds | None = None
+        root = os.geteuid() == 0
+        if root and not settings.single_user and not settings.sandbox_user:
+            self.users = UserIds(parse_range(settings.sandbox_uids),
+                                 self.state_dir / "uids.json" if self.state_dir else None, settings.uid_map)
+        self._jail = self.users is not None or (root and bool(settings.sandbox_user))
+        missing = self.unenforced()
+        if missing and not settings.single_user and not settings.allow_unenforced:
+            raise IsolationError(
+                "this agent cannot keep its users apart: " + "; ".join(missing) + ". Run it as root on a host "
+                "with cgroups (v2, or the v1 memory, pids and freezer hierarchies), or pass --allow-unenforced "
+                "to serve other users anyway, or --single-user for one user's own pool.")
         self._own_root = settings.workdir is None
         self._root = settings.workdir or tempfile.mkdtemp(prefix="gpu-attach-agent-")
-        if settings.sandbox_user:
-            os.chmod(self._root, 0o711)  # the sandbox user must reach its own workdir inside
-        self.listener = socket.create_server((settings.host, settings.port), backlog=128)
+        if self._jail:
+            os.chmod(self._root, 0o711)  # each sandbox's uid must reach its own (0700) workdir inside
+        self.listener = socket.create_server((settings.host, settings.port), backlog=512)
         self.port = self.listener.getsockname()[1]
+
+    def unenforced(self) -> list[str]:
+        """What this agent cannot enforce between users (empty: everything in docs/security.md)."""
+        missing = list(self.cgroups.missing)
+        if self.users is None and not self.settings.sandbox_user:
+            missing.append("per-user uids (cells run as the agent's own uid "
+                           f"{os.geteuid()}, and can read its token and state)")
+        elif self.users is None:
+            missing.append(f"per-user uids (every user's cells run as the one account {self.settings.sandbox_user!r})")
+        return missing
+
+    def isolation_report(self) -> str:
+        uids = (f"per-user uids from {self.settings.sandbox_uids}" if self.users is not None else
+                f"cells as {self.settings.sandbox_user!r}" if self.settings.sandbox_user else
+                f"cells as the agent's own uid {os.geteuid()} (single user)")
+        jail = "private mount namespace and /tmp" if self._jail else "no mount namespace"
+        text = f"{self.cgroups.describe()}; {uids}; {jail}"
+        if self.leftovers_killed:
+            text += f"; killed {self.leftovers_killed} sandbox cgroup(s) left by a previous run"
+        missing = self.unenforced()
+        return text + (f". NOT ENFORCED: {'; '.join(missing)}" if missing else "")
 
     @property
     def address(self) -> str:
@@ -118,9 +207,18 @@ class Agent:
     # -- broker ---------------------------------------------------------------------------------
 
     def register(self) -> None:
-        body = {"agent_id": self.settings.agent_id, "address": self.address, "version": __version__,
+        base, me = self.settings.broker_url, self.settings.agent_id
+        r = self.http.put(f"{base}/v1/agents/{me}/key", json={"public_key": self.key.public_pem()}, timeout=10)
+        if r.status_code in (401, 403):
+            raise EnrolmentError(
+                f"the broker refused this agent's credential for id {me!r} ({r.status_code}): enrol the agent "
+                f"(as the admin: POST {base}/v1/agents/{me}/credential, or GPU_ATTACH_AGENT_TOKENS=\"{me}:TOKEN\" on "
+                "the broker) and give it that token (GPU_ATTACH_AGENT_TOKEN or --agent-token-file)")
+        if r.status_code != 200:
+            raise RuntimeError(f"broker refused this agent's key ({r.status_code}): {r.text[:500]}")
+        body = {"agent_id": me, "address": self.address, "version": __version__,
                 "devices": [d.to_json() for d in self.devices.values()]}
-        r = self.http.post(f"{self.settings.broker_url}/v1/agents", json=body, timeout=10)
+        r = self.http.post(f"{base}/v1/agents", json=body, timeout=10)
         if r.status_code != 201:
             raise RuntimeError(f"broker refused registration ({r.status_code}): {r.text[:500]}")
         reply = r.json()
@@ -132,6 +230,7 @@ class Agent:
 
     def _beat_forever(self) -> None:
         while not self._stop.wait(self.heartbeat_interval):
+            asked = time.monotonic()
             try:
                 r = self.http.post(
                     f"{self.settings.broker_url}/v1/agents/{self.settings.agent_id}/heartbeat",
@@ -142,7 +241,7 @@ class Agent:
                     self.register()
                     continue
                 r.raise_for_status()
-                self._enforce(set(r.json()["active"]))
+                self._enforce(set(r.json()["active"]), asked)
                 self._reap_idle()
             except Exception as e:  # the broker may be restarting; keep beating
                 log.warning("heartbeat failed: %s", e)
@@ -151,21 +250,34 @@ class Agent:
         with self._lock:
             return [s.running_lease for s in self._sandboxes.values() if s.running_lease]
 
-    def _enforce(self, active: set[str]) -> None:
-        """Stop every cell whose lease the broker no longer grants."""
+    def _enforce(self, active: set[str], asked: float) -> None:
+        """Stop every cell whose lease the broker no longer grants. A cell admitted after the
+        heartbeat was sent may hold a lease newer than the answer: the lease feed covers it."""
         with self._lock:
-            running = [(s, s.running_lease) for s in self._sandboxes.values() if s.running_lease]
+            running = [(s, s.running_lease) for s in self._sandboxes.values()
+                       if s.running_lease and s.running_since < asked]
         for s, lease in running:
             if lease in active:
                 continue
             with s.lock:  # the same cell still, not a newer one admitted since the snapshot
                 if s.running_lease != lease:
                     continue
-                if self._settle(s) == "done":  # it had ended; the kernel released it since
-                    _signal_group(s.proc, signal.SIGSTOP)
+                if self._settle(s, finishing_s=0.05) == "done":  # it had ended; the kernel released it since
+                    self._freeze(s)
                     continue
                 log.warning("stopping the cell of lease %s: the lease has ended", lease)
                 self._kill_locked(s)
+
+    def _lease_over(self, s: "SandboxHandle", lease: str, why: str) -> None:
+        """Stop the cell of ``lease`` if it still runs in ``s`` (the lease ended, or is unconfirmed)."""
+        with s.lock:
+            if s.running_lease != lease or s.dead:
+                return
+            if self._settle(s, finishing_s=0.05) == "done":  # its kernel released it as the cell ended
+                self._freeze(s)
+                return
+            log.warning("stopping the cell of lease %s: %s", lease, why)
+            self._kill_locked(s)
 
     def _stop_all_cells(self, why: str) -> None:
         with self._lock:
@@ -182,57 +294,95 @@ class Agent:
             self._spawner.submit(self._refill_spare)
         threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True).start()
         threading.Thread(target=self._watch_cells_forever, name="cell-watch", daemon=True).start()
+        self.channel.start(on_leases_ended=self._leases_ended, on_session_ended=self.end_session)
         while not self._stop.is_set():
             try:
-                conn, _ = self.listener.accept()
+                conn, addr = self.listener.accept()
             except OSError as e:
                 if self._stop.is_set():
                     return
                 log.warning("accept failed (%s); backing off", e)  # e.g. out of file descriptors
                 time.sleep(0.1)
                 continue
-            if not self._admitting.acquire(blocking=False):
-                _reject(conn, "busy", "the agent has too many connections waiting; try again", drain=False)
-                conn.close()
-                continue
+            self._make_room(addr[0])
+            with self._lock:
+                self._pending[conn] = addr[0]
             self._admitters.submit(self._admit, conn)
+
+    def _make_room(self, address: str) -> None:
+        """Keep the connections waiting for a hello within budget: drop the oldest one from this
+        address past its own budget, else the oldest of all past the total. A real kernel's hello
+        follows its connect at once, so only idle or trickling connections are ever the oldest."""
+        with self._lock:
+            mine = [c for c, a in self._pending.items() if a == address]
+            victim = None
+            if len(mine) >= MAX_PENDING_PER_ADDRESS:
+                victim = mine[0]
+            elif len(self._pending) >= MAX_ADMISSIONS:
+                victim = next(iter(self._pending))
+            if victim is not None:
+                del self._pending[victim]
+        if victim is not None:
+            try:
+                victim.shutdown(socket.SHUT_RDWR)  # its admitter wakes from recv and closes it
+            except OSError:
+                pass
 
     def _admit(self, conn: socket.socket) -> None:
         """Verify the hello frame's grant and hand the connection to the session's sandbox."""
         watched = False
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            hello = wire.recv_frame(_Deadline(conn, HELLO_TIMEOUT_S), HELLO_LIMITS)
+            try:
+                hello = wire.recv_frame(_Deadline(conn, HELLO_TIMEOUT_S), HELLO_LIMITS)
+            finally:
+                with self._lock:
+                    self._pending.pop(conn, None)
             if hello.op != "hello":
                 raise GrantTokenError("the first frame must be a hello holding the grant token")
             claims = self.verifier.verify(hello.header.get("token", ""), agent_id=self.settings.agent_id)
+            nonce = hello.header.get("nonce")
+            if nonce is not None and (not isinstance(nonce, str) or not 16 <= len(nonce) <= 128):
+                raise GrantTokenError("the hello's nonce must be 16-128 characters")
             missing = [i for i in claims["gpus"] if i not in self.devices]
             if missing:
                 raise GrantTokenError(f"this agent has no device {missing}")
             self._admit_once(claims)
+            if claims["lease"] in self.channel.ended:
+                raise GrantTokenError("the lease of this grant has ended; request a new one")
             conn.settimeout(None)
             for _ in range(2):  # a sandbox killed (idle, lease ended) just as we picked it: once more
                 sandbox = self._sandbox_for(claims)
                 with sandbox.lock:
                     if sandbox.dead:
                         continue
-                    state = self._settle(sandbox) if sandbox.running_lease else "done"
+                    # Its last cell's kernel hung up on the result a moment before the sandbox
+                    # closed its end: wait for that, not kill a sandbox that is only finishing.
+                    state = self._settle(sandbox, finishing_s=0.5) if sandbox.running_lease else "done"
                     if state == "running":
                         raise GrantTokenError("a cell of this session is already running; wait for it to finish")
                     if state == "abandoned":  # its kernel gave up on the last cell: start afresh
                         self._kill_locked(sandbox)
                         continue
+                    confirmed = None
+                    if float(claims["exp"]) - time.time() - self._margin(claims) < 0.5:
+                        # a slow start used up most of the grant: ask the broker first
+                        confirmed = self.channel.confirm(claims["lease"], self._margin(claims))
                     sandbox.running_lease = claims["lease"]
-                    sandbox.last_used = time.monotonic()
+                    sandbox.running_since = sandbox.last_used = time.monotonic()
                     sandbox.cells += 1
-                    _signal_group(sandbox.proc, signal.SIGCONT)  # frozen since its last cell
+                    if sandbox.cgroup is not None:
+                        sandbox.cgroup.set_memory(self._host_memory(claims))
+                    self._thaw(sandbox)  # frozen since its last cell
                     # A kernel with a large run frame waits for this before sending it; a small
                     # one was pipelined right behind the hello and is already waiting.
-                    wire.send_frame(conn, {"op": "admitted", "sandbox_pid": sandbox.proc.pid,
-                                           "warm": sandbox.cells > 1})
+                    admitted = {"op": "admitted", "sandbox_pid": sandbox.proc.pid, "warm": sandbox.cells > 1}
+                    if nonce is not None:
+                        admitted["proof"] = self.key.prove(nonce, claims["lease"])
+                    wire.send_frame(conn, admitted)
                     socket.send_fds(sandbox.ctl, [json.dumps({"op": "cell", "claims": claims}).encode()],
                                     [conn.fileno()])
-                    self._watch_cell(conn, sandbox, claims["lease"])
+                    self._watch_cell(conn, sandbox, claims, confirmed)
                     watched = True
                 break
             else:
@@ -247,7 +397,6 @@ class Agent:
         finally:
             if not watched:
                 conn.close()
-            self._admitting.release()
 
     def _admit_once(self, claims: dict) -> None:
         """A grant admits one cell: a token seen before (a replay) is refused."""
@@ -262,20 +411,65 @@ class Agent:
     # -- cells: the agent's own view of what runs ---------------------------------------------------
     # A cell runs from its admission until the kernel's connection closes. The agent watches its
     # own copy of that connection, so nothing the sandbox (user code) says can stretch a cell;
-    # between cells the sandbox is frozen (SIGSTOP), so nothing it started keeps running either.
+    # between cells the sandbox's cgroup is frozen, so nothing it started keeps running either.
 
-    def _watch_cell(self, conn: socket.socket, sandbox: "SandboxHandle", lease: str) -> None:
-        cell = _WatchedCell(conn, sandbox, lease)
+    def _margin(self, claims: dict) -> float:
+        ttl = max(float(claims["exp"]) - float(claims.get("iat", claims["exp"] - 30)), 0.1)
+        return self.settings.fence_margin_s if self.settings.fence_margin_s is not None else min(1.0, ttl / 4)
+
+    def _watch_cell(self, conn: socket.socket, sandbox: "SandboxHandle", claims: dict,
+                    confirmed: tuple[float, float] | None = None) -> None:
+        cell = _WatchedCell(conn, sandbox, claims["lease"])
+        # Fencing: the grant's own expiry is the first thing confirmed (read against our clock
+        # once; later confirmations are measured on the monotonic clock from the broker's answer).
+        cell.margin = self._margin(claims)
+        cell.expires_at = float(claims["exp"])
+        cell.fence = cell.admitted_at + (cell.expires_at - time.time()) - cell.margin
+        if confirmed is not None:
+            cell.expires_at, cell.fence = confirmed
         with self._lock:
             self._cells[conn.fileno()] = cell
         self._epoll.register(conn.fileno(), select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)
+
+    def _guard_cells(self) -> None:
+        """Start lease watches for cells that run long enough to need one; stop the cells whose
+        lease could not be confirmed before their fence (the TTL less the margin)."""
+        now = time.monotonic()
+        with self._lock:
+            cells = [c for c in self._cells.values() if not c.ended and c.abandoned_at is None]
+        for c in cells:
+            if c.sandbox.running_lease != c.lease:
+                continue
+            if now >= c.fence:
+                self._lease_over(c.sandbox, c.lease, "the broker did not confirm the lease before its TTL "
+                                 f"(less a {c.margin:.2g} s margin); fenced so the slice cannot be used twice")
+            elif not c.watching and now - c.admitted_at >= FIRST_WATCH_AFTER_S:
+                c.watching = True
+                self.channel.watch(c, running=lambda c=c: not c.ended and c.sandbox.running_lease == c.lease,
+                                   over=lambda why, c=c: self._lease_over(c.sandbox, c.lease, why))
+
+    def _leases_ended(self, ended: set) -> None:
+        """The broker's push: stop the cells of leases that ended."""
+        with self._lock:
+            running = [(s, s.running_lease) for s in self._sandboxes.values() if s.running_lease in ended]
+        for s, lease in running:
+            self._lease_over(s, lease, "the broker ended the lease")
+
+    def end_session(self, user: str, session: str) -> int:
+        """Kill every sandbox of one notebook session (a running cell's too); how many."""
+        with self._lock:
+            doomed = [s for k, s in self._sandboxes.items() if k[0] == user and k[1] == session]
+        for s in doomed:
+            log.info("reclaiming sandbox pid %d: session %s of %s ended", s.proc.pid, session, user)
+            self._kill(s)
+        return len(doomed)
 
     def _watch_cells_forever(self) -> None:
         """The one thread that closes the agent's copies of cell connections (so no fd number is
         reused while another thread still acts on it)."""
         while not self._stop.is_set():
             try:
-                events = self._epoll.poll(0.2)
+                events = self._epoll.poll(0.01)
             except OSError:
                 return
             for fd, ev in events:
@@ -289,6 +483,9 @@ class Agent:
                     self._forget(fd, cell)
                     if not cell.ended:
                         self._cell_over(cell.sandbox, cell.lease)
+                    # A grant admits one cell: once its connection is gone the lease is spent.
+                    self.channel.cell_ended(cell.lease, "the cell's connection closed",
+                                            now=cell.ended or cell.abandoned_at is not None)
                 elif cell.abandoned_at is None:
                     # The kernel hung up while the sandbox is still in the cell (an interrupt it
                     # ignored, or code stuck in C): give it a moment to notice, then replace it.
@@ -301,6 +498,7 @@ class Agent:
             for cell in late:
                 log.warning("killing the sandbox of lease %s: its kernel left and the cell did not stop", cell.lease)
                 self._kill(cell.sandbox)
+            self._guard_cells()
 
     def _forget(self, fd: int, cell: "_WatchedCell") -> None:
         with self._lock:
@@ -312,12 +510,14 @@ class Agent:
             pass
         cell.conn.close()
 
-    def _settle(self, sandbox: "SandboxHandle") -> str:
+    def _settle(self, sandbox: "SandboxHandle", finishing_s: float = 0.0) -> str:
         """With the sandbox's lock held: is its running cell really still running? Its next cell,
         or a heartbeat, can come before the watcher thread has seen the last one end.
 
         ``done``: it ended (running_lease is cleared); ``abandoned``: its kernel hung up but the
-        sandbox is still in the cell; ``running``: it is running."""
+        sandbox is still in the cell; ``running``: it is running. A kernel hangs up as soon as
+        it has the result, a moment before the sandbox closes its end: ``finishing_s`` waits
+        that long for the sandbox to close before calling the cell abandoned."""
         with self._lock:
             cell = next((c for c in self._cells.values()
                          if c.sandbox is sandbox and c.lease == sandbox.running_lease), None)
@@ -326,6 +526,10 @@ class Agent:
             p.register(cell.conn.fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
             ev = p.poll(0)
             ev = ev[0][1] if ev else 0
+            if finishing_s and ev & select.POLLRDHUP and not ev & (select.POLLHUP | select.POLLERR):
+                p.modify(cell.conn.fileno(), select.POLLHUP | select.POLLERR)
+                ev = p.poll(finishing_s * 1000)
+                ev = (ev[0][1] if ev else 0) | select.POLLRDHUP
             if not ev & (select.POLLHUP | select.POLLERR):
                 return "abandoned" if ev & select.POLLRDHUP else "running"
             cell.ended = True  # the watcher will close it
@@ -340,7 +544,38 @@ class Agent:
             sandbox.running_lease = None
             sandbox.last_used = time.monotonic()
             if not sandbox.dead:
-                _signal_group(sandbox.proc, signal.SIGSTOP)
+                self._freeze(sandbox)
+
+    def _freeze(self, s: "SandboxHandle") -> None:
+        """Stop everything the sandbox runs (its lock held): through its cgroup, so processes a
+        cell started in a new session or process group stop too; else by signal to its group."""
+        if s.cgroup is not None:
+            try:
+                s.cgroup.freeze()
+                return
+            except (OSError, CgroupError) as e:
+                log.warning("could not freeze sandbox pid %d (%s): killing it", s.proc.pid, e)
+                self._kill_locked(s)
+                return
+        _signal_group(s.proc, signal.SIGSTOP)
+
+    def _thaw(self, s: "SandboxHandle") -> None:
+        if s.cgroup is not None:
+            s.cgroup.thaw()
+        else:
+            _signal_group(s.proc, signal.SIGCONT)
+
+    def _host_memory(self, claims: dict) -> int:
+        """The sandbox's host-memory limit for a slice: a multiple of its GPU memory, or a size."""
+        spec = self.settings.sandbox_memory.strip()
+        if spec.endswith("x"):
+            gpu = int(claims.get("memory") or 0) * max(len(claims.get("gpus") or [1]), 1)
+            limit = int(float(spec[:-1]) * gpu)
+        else:
+            from jupyter_gpu_attach.slices import parse_size
+
+            limit = parse_size(spec)
+        return max(limit, self.settings.sandbox_memory_min)
 
     # -- sandboxes ------------------------------------------------------------------------------
 
@@ -368,15 +603,25 @@ class Agent:
         """Pin a started sandbox process to this session's slice and user."""
         devices = [self.devices[i] for i in claims["gpus"]]
         simulated = all(d.simulated for d in devices)
-        proc, ctl = self._take_spare()
+        uid = self.users.uid_for(claims["user"]) if self.users is not None else None
+        proc, ctl, cgroup = self._take_spare()
         workdir = tempfile.mkdtemp(prefix="session-", dir=self._root)
+        # An input larger than the sandbox may hold is refused before any memory is reserved.
+        max_payload = self.settings.max_payload
+        if cgroup is not None:
+            memory = self._host_memory(claims)
+            cgroup.set_memory(memory)
+            max_payload = min(max_payload, memory)
         claim = {
-            "op": "claim", "simulated": simulated, "workdir": workdir, "max_payload": self.settings.max_payload,
+            "op": "claim", "simulated": simulated, "workdir": workdir, "max_payload": max_payload,
             # Real GPUs are pinned by UUID, which does not depend on device enumeration order.
             "env": {"HOME": workdir, "CUDA_VISIBLE_DEVICES": "" if simulated else ",".join(d.uuid for d in devices),
                     "GPU_ATTACH_SIMULATED": "1" if simulated else "0"},
         }
-        if self.settings.sandbox_user:
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+            claim.update(uid=uid, gid=uid)
+        elif self.settings.sandbox_user:
             import pwd
 
             pw = pwd.getpwnam(self.settings.sandbox_user)
@@ -391,17 +636,19 @@ class Agent:
             ready = {}
         if ready.get("op") != "ready":
             _killpg(proc)
+            if cgroup is not None:
+                cgroup.kill()
             proc.wait()
             ctl.close()
             shutil.rmtree(workdir, ignore_errors=True)
             raise RuntimeError(f"the sandbox process did not start: {ready.get('error', 'it exited')}")
-        handle = SandboxHandle(key, proc, ctl, workdir)
+        handle = SandboxHandle(key, proc, ctl, workdir, cgroup=cgroup, uid=uid)
         threading.Thread(target=self._follow, args=(handle,), daemon=True).start()
         log.info("sandbox pid %d for user %s session %s on devices %s%s", proc.pid, key[0], key[1], list(key[2]),
                  " (simulated)" if simulated else "")
         return handle
 
-    def _take_spare(self) -> tuple[subprocess.Popen, socket.socket]:
+    def _take_spare(self) -> tuple[subprocess.Popen, socket.socket, Cgroup | None]:
         """A started, not yet pinned sandbox process: the spare if one is waiting, else a new one.
 
         A cell's lease starts before its sandbox exists; starting Python and importing NumPy
@@ -411,6 +658,8 @@ class Agent:
             spare, self._spare = self._spare, None
         if spare is not None and spare[0].poll() is not None:
             spare[1].close()
+            if spare[2] is not None:
+                spare[2].kill()
             spare = None
         # This cell's own start goes first on the spawner; the refill queues behind it.
         own = None if spare is not None else self._spawner.submit(self._start_sandbox_process)
@@ -422,17 +671,31 @@ class Agent:
         try:
             spare = self._start_sandbox_process()
         except Exception as e:  # no spare only means a slower next start
-            log.warning("could not start a spare sandbox: %s", e)
+            if not self._stop.is_set():
+                log.warning("could not start a spare sandbox: %s", e)
             return
         with self._lock:
             if self._spare is None and not self._stop.is_set():
                 self._spare, spare = spare, None
         if spare is not None:
             _killpg(spare[0])
+            if spare[2] is not None:
+                spare[2].kill()
             spare[0].wait()
             spare[1].close()
 
-    def _start_sandbox_process(self) -> tuple[subprocess.Popen, socket.socket]:
+    def _start_sandbox_process(self) -> tuple[subprocess.Popen, socket.socket, Cgroup | None]:
+        cgroup = self.cgroups.create("sandbox") if self.cgroups.enforced else None
+        try:
+            return self._start_in(cgroup)
+        except BaseException:
+            if cgroup is not None:
+                cgroup.kill()
+            raise
+
+    def _start_in(self, cgroup: Cgroup | None) -> tuple[subprocess.Popen, socket.socket, Cgroup | None]:
+        if cgroup is not None:
+            cgroup.set_pids(self.settings.sandbox_pids)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         boot = {"ctl_fd": child.fileno(), "agent_pid": os.getpid()}
         # A clean environment: nothing of the agent's (its token above all) reaches user code.
@@ -443,9 +706,19 @@ class Agent:
                      "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS"):
             if name in os.environ:
                 env[name] = os.environ[name]
+        argv = [sys.executable, "-m", "gpu_attach_server.agent.sandbox"]
+        if self._jail:
+            # The launcher joins the cgroup and the private mount namespace, then becomes the sandbox.
+            env["GPU_ATTACH_JAIL"] = json.dumps({
+                "cgroup_procs": [str(d / "cgroup.procs") for d in cgroup.dirs.values()] if cgroup else [],
+                "needed": needed_paths(), "keep": [self._root], "private_tmp": True,
+                "hide": [str(self.state_dir)] if self.state_dir else [], "exec": argv})
+            argv = [sys.executable, "-m", "gpu_attach_server.agent.jail"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gpu_attach_server.agent.sandbox"],
-            env=env, cwd=self._root, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
+            argv, env=env, cwd=self._root, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        if cgroup is not None and not self._jail:
+            cgroup.add(proc.pid)  # before it has started any code of a cell (it is still booting)
         child.close()
         parent.settimeout(SANDBOX_START_TIMEOUT_S)
         try:
@@ -457,7 +730,7 @@ class Agent:
             _killpg(proc)
             parent.close()
             raise RuntimeError(f"the sandbox process exited with code {proc.wait()} while starting")
-        return proc, parent
+        return proc, parent, cgroup
 
     def _follow(self, s: SandboxHandle) -> None:
         """Wait for the sandbox's control socket to close (it exited), then clean up after it.
@@ -470,10 +743,37 @@ class Agent:
                 msg = b""
             if not msg:
                 break
+        if s.cgroup is not None and s.cgroup.oom_kills():
+            self._tell_out_of_memory(s)
         self._kill(s)
-        s.proc.wait()
+        code = s.proc.wait()
+        if not s.dead or code not in (-signal.SIGKILL, 0):
+            log.info("sandbox pid %d exited with code %s", s.proc.pid, code)
         s.ctl.close()
         shutil.rmtree(s.workdir, ignore_errors=True)
+
+    def _tell_out_of_memory(self, s: SandboxHandle) -> None:
+        """The kernel killed the sandbox for running over its host-memory limit: say so to the
+        running cell's kernel, on the agent's own copy of its connection."""
+        try:
+            with open(s.cgroup.dirs["memory" if "memory" in s.cgroup.dirs else "unified"] /
+                      ("memory.limit_in_bytes" if "memory" in s.cgroup.dirs else "memory.max")) as f:
+                limit = int(f.read().strip())
+            size = f"{limit / 2**30:.3g} GiB"
+        except (OSError, ValueError):
+            size = "its limit"
+        with self._lock:
+            cells = [c for c in self._cells.values() if c.sandbox is s and not c.ended]
+        for c in cells:
+            try:
+                c.conn.settimeout(1.0)
+                wire.send_frame(c.conn, {
+                    "op": "error", "etype": "builtins.MemoryError", "traceback": "",
+                    "message": f"the cell ran over its host-memory limit of {size} on the GPU host and was killed "
+                               "(the session's state is lost). Use less host memory, or ask for a larger slice: "
+                               "the limit grows with the slice's GPU memory."})
+            except OSError:
+                pass
 
     def _kill(self, s: SandboxHandle) -> None:
         with s.lock:
@@ -481,8 +781,12 @@ class Agent:
 
     def _kill_locked(self, s: SandboxHandle) -> None:
         """Kill a sandbox (its lock held) and hang up its cell's kernel connection, if any."""
+        if not s.dead:
+            log.info("killing sandbox pid %d", s.proc.pid, stack_info=log.isEnabledFor(logging.DEBUG))
         s.dead = True
         _killpg(s.proc)
+        if s.cgroup is not None:
+            s.cgroup.kill()  # everything the cell started, in whatever session or group
         with self._lock:
             cells = [c for c in self._cells.values() if c.sandbox is s and not c.ended]
             if self._sandboxes.get(s.key) is s:
@@ -520,6 +824,11 @@ class Agent:
             self._kill(s)
         if spare is not None:
             _killpg(spare[0])
+            if spare[2] is not None:
+                spare[2].kill()
+        if self.cgroups.enforced:
+            self.cgroups.remove()
+        self.channel.close()
         if self._own_root:
             shutil.rmtree(self._root, ignore_errors=True)
 

@@ -19,7 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
-from . import schemas
+from . import agents, schemas
 from .auth import Principal, TokenBook
 from .core import LEASE_STATES, Broker, BrokerError
 from .models import AgentRegistration, Heartbeat, LeaseRequest
@@ -216,6 +216,8 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
 
     app.include_router(admin_router(broker, tokens, _who))
     metrics_route(app, broker, _who, metrics_token)
+
+    agents.install(app, broker, tokens)  # enrolment, agent keys, lease watch, session ends
 
     def openapi():
         if app.openapi_schema is None:

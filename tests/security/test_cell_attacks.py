@@ -1,0 +1,172 @@
+"""Attacks from inside a cell, as a hostile user of a shared agent would try them (issue 6).
+
+Each attack must fail, and the neighbour's (bob's) next cell must then succeed with his state
+intact (the ``neighbour_survives`` fixture). The agent runs as root, as the embedded default and
+many sites do; each user's cells run as that user's own uid, in a cgroup and a mount namespace.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import TOKENS
+from jupyter_gpu_attach import GPUSession
+
+from .conftest import needs_root, run
+
+pytestmark = [needs_root, pytest.mark.usefixtures("neighbour_survives")]
+
+
+def test_cells_run_as_their_users_own_unprivileged_uid(alice, bob):
+    ns = run(alice, "import os\nuid, gid, groups = os.getuid(), os.getgid(), os.getgroups()")
+    assert ns["uid"] >= 60000 and ns["gid"] >= 60000 and ns["groups"] == []
+    assert bob.info["uid"] >= 60000 and bob.info["uid"] != ns["uid"]
+
+
+def test_a_cell_cannot_read_the_agents_environment_or_token(alice, site):
+    agent_pid = site.agents["gpu-host-1"].pid
+    ns = run(alice, "import os\n"
+                    "env_here = {k: v for k, v in os.environ.items() if 'TOKEN' in k}\n"
+                    "tries = {}\n"
+                    "for what in ('environ', 'cmdline', 'mem', 'fd/0', 'root/proc/self/environ'):\n"
+                    "    path = f'/proc/{agent_pid}/{what}'\n"
+                    "    try:\n"
+                    "        with open(path, 'rb') as f:\n"
+                    "            data = f.read(4096)\n"
+                    "        tries[what] = 'READ' if (b'TOKEN' in data or what == 'mem') else 'harmless'\n"
+                    "    except OSError as e:\n"
+                    "        tries[what] = type(e).__name__\n",
+             {"agent_pid": agent_pid})
+    assert ns["env_here"] == {}
+    assert "READ" not in ns["tries"].values(), ns["tries"]
+    assert ns["tries"]["environ"] == "PermissionError"
+
+
+def test_a_cell_cannot_read_the_agents_state_or_the_brokers_key_and_database(alice, site):
+    targets = [site.tmp / "agent-gpu-host-1" / "agent-ed25519.pem", site.tmp / "agent-gpu-host-1" / "uids.json",
+               site.tmp / "broker-ed25519.pem", site.tmp / "broker.sqlite"]
+    for t in targets:
+        assert t.exists(), f"{t} should exist for this attack to mean anything"
+    ns = run(alice, "import os\nresults = {}\n"
+                    "for p in paths:\n"
+                    "    for path in (p, '/proc/1/root' + p):\n"
+                    "        try:\n"
+                    "            open(path, 'rb').read(16)\n"
+                    "            results[path] = 'READ'\n"
+                    "        except OSError as e:\n"
+                    "            results[path] = type(e).__name__\n",
+             {"paths": [str(t) for t in targets]})
+    assert "READ" not in ns["results"].values(), ns["results"]
+
+
+def test_a_cell_cannot_read_another_users_files_or_memory(alice, bob):
+    ns = run(alice, "import os\nresults = {}\n"
+                    "for path in (home + '/secret.txt', home, f'/proc/{pid}/mem', f'/proc/{pid}/environ',\n"
+                    "             f'/proc/{pid}/maps', f'/proc/{pid}/root/etc/hostname'):\n"
+                    "    try:\n"
+                    "        if os.path.isdir(path):\n"
+                    "            results[path] = 'LISTED %s' % os.listdir(path)\n"
+                    "        else:\n"
+                    "            with open(path, 'rb') as f:\n"
+                    "                f.read(64)\n"
+                    "            results[path] = 'READ'\n"
+                    "    except OSError as e:\n"
+                    "        results[path] = type(e).__name__\n",
+             {"home": bob.info["home"], "pid": bob.info["pid"]})
+    leaked = {k: v for k, v in ns["results"].items() if not v.endswith("Error")}
+    assert not leaked, leaked
+
+
+def test_a_cell_cannot_signal_the_agent_or_another_users_sandbox(alice, bob, site):
+    agent_pid = site.agents["gpu-host-1"].pid
+    ns = run(alice, "import os, signal\nresults = {}\n"
+                    "for name, pid in (('agent', agent_pid), ('bob', bob_pid), ('bob-group', -bob_pid)):\n"
+                    "    for sig in (signal.SIGCONT, signal.SIGSTOP, signal.SIGKILL):\n"
+                    "        try:\n"
+                    "            os.kill(pid, sig)\n"
+                    "            results[f'{name}/{sig.name}'] = 'SENT'\n"
+                    "        except OSError as e:\n"
+                    "            results[f'{name}/{sig.name}'] = type(e).__name__\n",
+             {"agent_pid": agent_pid, "bob_pid": bob.info["pid"]})
+    assert "SENT" not in ns["results"].values(), ns["results"]
+    assert site.agents["gpu-host-1"].poll() is None
+
+
+def test_a_forged_grant_is_refused(alice, bob, site):
+    """A cell mints a grant for bob's session with a key of its own: the agent refuses it."""
+    with site.client("alice") as c:
+        address = c.post("/v1/leases", json={"session": "probe", "fraction": 0.1}).json()
+    with site.client("alice") as c:
+        c.delete(f"/v1/leases/{address['id']}")
+    ns = run(alice, "import socket, time\n"
+                    "from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey\n"
+                    "from gpu_attach_server.grant_tokens import GrantSigner\n"
+                    "from jupyter_gpu_attach import wire\n"
+                    "forged = GrantSigner(Ed25519PrivateKey.generate()).sign({\n"
+                    "    'lease': 'L000000000001', 'user': 'bob', 'session': 'bob-nb', 'agent': 'gpu-host-1',\n"
+                    "    'gpus': [0], 'uuids': [], 'memory': 1, 'simulated': True, 'exp': time.time() + 60})\n"
+                    "host, port = addr.rsplit(':', 1)\n"
+                    "with socket.create_connection((host, int(port))) as s:\n"
+                    "    wire.send_frame(s, {'op': 'hello', 'token': forged})\n"
+                    "    reply = wire.recv_frame(s).header\n",
+             {"addr": address["agent"]["address"]})
+    assert ns["reply"]["op"] == "reject" and "not the broker's" in ns["reply"]["message"]
+
+
+def test_a_setsid_child_is_frozen_between_cells_and_dies_with_the_session(alice, site):
+    source = ("import os, subprocess, time\n"
+              "ticks = os.path.join(os.environ['HOME'], 'ticks')\n"
+              "child = subprocess.Popen(['setsid', 'sh', '-c', f'while :; do date +%s.%N >> {ticks}; sleep 0.02; done'],\n"
+              "                         start_new_session=True).pid\n"
+              "time.sleep(0.3)\nended = time.time()")
+    ns = run(alice, source)
+    time.sleep(1.0)
+    ns2 = run(alice, "import os, time\nnow = time.time()\ntime.sleep(0.3)\n"
+                     "seen = [float(t) for t in open(ticks).read().split()]", {"ticks": ns["ticks"]})
+    between = [t for t in ns2["seen"] if ns["ended"] + 0.1 < t < ns2["now"] - 0.05]
+    assert not between, f"{len(between)} ticks of a setsid child ran while the session held no lease"
+    assert any(t > ns2["now"] for t in ns2["seen"]), "the child was alive (and resumed in the next cell)"
+    # The child is in alice's cgroup: ending the session kills it, wherever it moved its session.
+    pid = ns["child"]  # as the host sees it (the sandbox shares the host's pid namespace)
+    alice.broker.end_session(alice.session_id)
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid), "a process a cell started outlived its session"
+
+
+def test_a_fork_bomb_hits_the_pids_limit_and_harms_no_one_else(site):
+    alice = GPUSession(site.url, TOKENS["alice"], session_id="alice-bomb")
+    ns = run(alice, "import os, time\nforked, error = 0, None\n"
+                    "try:\n"
+                    "    for _ in range(5000):\n"
+                    "        if os.fork() == 0:\n"
+                    "            time.sleep(30)\n"
+                    "            os._exit(0)\n"
+                    "        forked += 1\n"
+                    "except OSError as e:\n"
+                    "    error = str(e)\n")
+    assert ns["forked"] < 64 and "Resource temporarily unavailable" in (ns["error"] or "")
+    alice.broker.end_session(alice.session_id)  # and its processes go with the session
+    time.sleep(0.5)
+
+
+def test_a_memory_hog_fails_with_an_error_naming_the_limit(alice):
+    from jupyter_gpu_attach.errors import GPUAttachError
+
+    with pytest.raises(BaseException) as raised:
+        run(alice, "hog = b'x' * (3 << 30)")
+    assert "host-memory limit of 1 GiB" in str(raised.value), repr(raised.value)
+    assert not isinstance(raised.value, GPUAttachError) or "memory" in str(raised.value)
+    ns = run(alice, "after = 'fresh sandbox'")  # the session goes on, in a new sandbox
+    assert ns["after"] == "fresh sandbox"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
