@@ -311,7 +311,9 @@ class _Exchange:
         sock.settimeout(ADMISSION_TIMEOUT_S)
         self.started = time.monotonic()
         try:
-            return self._converse(sock, header, buffers, size, timeout)
+            reply = self._converse(sock, header, buffers, size, timeout)
+            _await_hangup(sock)
+            return reply
         except (wire.PeerClosed, ConnectionResetError, BrokenPipeError):
             if self.lease["id"] in self.lost:
                 raise LeaseLost(f"the lease ended while the cell ran ({self.lost[self.lease['id']]}); "
@@ -396,6 +398,8 @@ class _Exchange:
                 if why_interrupted == "timeout" and err.endswith("KeyboardInterrupt"):
                     raise _stopped("timeout", timeout, hung=False)
                 return frame
+            elif op == "reject":  # the agent gave up on the cell after admitting it
+                raise CellRejected(f"{where} stopped the cell: {frame.header.get('message')}")
             else:
                 raise AgentLost(f"{where} sent an unexpected {op!r} frame")
 
@@ -424,6 +428,18 @@ class _Exchange:
         self.resent |= set(wanted)
         wire.send_frame(sock, {"op": "values", "hashes": {n: self.hashes[n] for n in wanted if n in self.hashes}},
                         wire.dumps(wanted, self.namespace))
+
+
+def _await_hangup(sock: socket.socket, limit_s: float = 1.0) -> None:
+    """After the result, wait for the sandbox to hang up before we do. The agent tells a finished
+    cell from an abandoned one by who hung up first; a kernel that closed first would have the
+    sandbox it needs for its next cell (its whole namespace) replaced."""
+    sock.settimeout(limit_s)
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
 
 
 def _stopped(why: str, timeout: float | None, hung: bool) -> BaseException:

@@ -277,7 +277,8 @@ def fingerprint(value: Any, namespace: dict | None = None) -> str:
     if np is not None and type(value) is np.ndarray and not value.dtype.hasobject:
         # By content, whatever the memory layout: a view and the copy that came back of it hash the same.
         h.update(f"ndarray|{value.dtype.str}|{value.shape}|".encode())
-        h.update(memoryview(np.ascontiguousarray(value)).cast("B"))
+        # As bytes: datetime64 and friends have no buffer format of their own.
+        h.update(memoryview(np.ascontiguousarray(value).reshape(-1).view(np.uint8)))
         return h.hexdigest()
     oob: list[pickle.PickleBuffer] = []
     out = io.BytesIO()

@@ -71,7 +71,7 @@ class Site:
         if os.geteuid() != 0:  # no per-user uids or cgroups without root: say so, and run anyway
             extra = (*extra, "--allow-unenforced")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gpu_attach_server.cli", "agent", "--broker", self.url, "--name", name,
+            [sys.executable, "-m", "gpu_attach_server.cli", *os.environ.get("GPA_TEST_AGENT_LOG", "").split(), "agent", "--broker", self.url, "--name", name,
              "--simulate", str(simulate), "--memory", memory, "--state-dir", str(self.tmp / f"agent-{name}"),
              *extra],
             env=env, stdout=subprocess.PIPE, text=True)

@@ -236,6 +236,7 @@ def run_agent(args) -> int:
         broker_url=args.broker.rstrip("/"), agent_token=token, agent_id=agent_id,
         host=args.host, port=args.port, advertise_host=args.advertise_host,
         max_payload=parse_size(args.max_payload), sandbox_idle_s=args.sandbox_idle,
+        input_cache=parse_size(args.input_cache), path_map=tuple(args.path_map),
         sandbox_user=args.sandbox_user, spare_sandboxes=args.spare_sandboxes,
         state_dir=args.state_dir or str(Path("~/.local/state/gpu-attach-agent").expanduser() / agent_id),
         single_user=args.single_user, sandbox_uids=args.sandbox_uids, uid_map=uid_map,
@@ -456,6 +457,13 @@ def run_up(args) -> int:
 # -- argument parsing ---------------------------------------------------------------------------
 
 
+def _path_pair(text: str) -> tuple[str, str]:
+    src, sep, dst = text.partition("=")
+    if not sep or not src.startswith("/") or not dst.startswith("/"):
+        raise argparse.ArgumentTypeError(f"expected /notebook/path=/host/path, got {text!r}")
+    return src.rstrip("/") or "/", dst.rstrip("/") or "/"
+
+
 def _timing_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lease-ttl", type=float, default=30.0, help="seconds a lease lives unless renewed (default 30)")
     p.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between agent heartbeats")
@@ -502,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--memory", default="16GiB", help="memory of each simulated device (default 16GiB)")
     a.add_argument("--pool", default="default", help="pool label of this host's GPUs")
     a.add_argument("--max-payload", default="64GiB", help="largest cell input a kernel may send")
+    a.add_argument("--input-cache", default="2GiB",
+                   help="per session: recent cell inputs kept by content hash, so a re-sent one travels as its hash "
+                        "(at most a quarter of the sandbox's memory limit; default 2GiB)")
+    a.add_argument("--path-map", action="append", default=[], type=_path_pair, metavar="NOTEBOOK_PATH=HOST_PATH",
+                   help="where notebooks' folders are on this host (a shared home mounted elsewhere, say), so "
+                        "relative paths in cells work; repeatable. The same path is tried when none matches")
     a.add_argument("--sandbox-idle", type=float, default=600.0, help="seconds an idle sandbox stays warm")
     a.add_argument("--sandbox-user", help="run every user's cells as this one unprivileged account (weaker than "
                    "the default per-user uids: users can then signal each other's cells)")

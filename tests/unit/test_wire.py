@@ -353,3 +353,11 @@ def test_pickle_stream_is_protocol_5():
     parts = wire.dumps(np.arange(3))
     assert bytes(memoryview(parts[0])[:2]) == b"\x80\x05"
     assert pickle.loads(parts[0], buffers=parts[1:]).tolist() == [0, 1, 2]
+
+
+def test_datetime_arrays_hash_and_travel():
+    dates = np.arange("2025-01-01", "2025-01-10", dtype="datetime64[D]")
+    assert wire.fingerprint(dates) == wire.fingerprint(dates.copy())
+    assert wire.fingerprint(dates) != wire.fingerprint(dates + np.timedelta64(1, "D"))
+    assert wire.fingerprint(np.datetime64("2025-01-01")) != wire.fingerprint(np.datetime64("2025-01-02"))
+    assert (wire.loads(wire.dumps(dates)) == dates).all()

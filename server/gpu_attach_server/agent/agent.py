@@ -79,6 +79,8 @@ class AgentSettings:
     port: int = 0
     advertise_host: str | None = None
     max_payload: int = wire.MAX_PAYLOAD_BYTES
+    input_cache: int = 2 * 1024**3  # a session's recent inputs kept by content hash (at most 1/4 of its memory limit)
+    path_map: tuple = ()  # ((notebook path prefix, path on this host), ...): where a notebook's folder is here
     sandbox_idle_s: float = 600.0
     sandbox_user: str | None = None  # run every user's cells as this one (unprivileged) account
     spare_sandboxes: int = 1  # sandbox processes kept started, ready to be pinned to a new session
@@ -583,7 +585,7 @@ class Agent:
         key = (claims["user"], claims["session"], tuple(claims["gpus"]))
         with self._lock:
             s = self._sandboxes.get(key)
-            if s is not None and s.proc.poll() is None:
+            if s is not None and _alive(s):
                 return s
             starting = self._starting.setdefault(key, threading.Lock())
         # Claiming a sandbox takes milliseconds (a fresh one, far longer): hold only this
@@ -591,8 +593,10 @@ class Agent:
         with starting:
             with self._lock:
                 s = self._sandboxes.get(key)
-                if s is not None and s.proc.poll() is None:
+                if s is not None and _alive(s):
                     return s
+            if s is not None:  # died (evicted, killed, out of memory) since its last cell
+                self._kill(s)
             s = self._claim(key, claims)
             with self._lock:
                 self._sandboxes[key] = s
@@ -612,8 +616,10 @@ class Agent:
             memory = self._host_memory(claims)
             cgroup.set_memory(memory)
             max_payload = min(max_payload, memory)
+        input_cache = self.settings.input_cache if cgroup is None else min(self.settings.input_cache, memory // 4)
         claim = {
             "op": "claim", "simulated": simulated, "workdir": workdir, "max_payload": max_payload,
+            "input_cache_bytes": input_cache, "path_map": [list(p) for p in self.settings.path_map],
             # Real GPUs are pinned by UUID, which does not depend on device enumeration order.
             "env": {"HOME": workdir, "CUDA_VISIBLE_DEVICES": "" if simulated else ",".join(d.uuid for d in devices),
                     "GPU_ATTACH_SIMULATED": "1" if simulated else "0"},
@@ -831,6 +837,17 @@ class Agent:
         self.channel.close()
         if self._own_root:
             shutil.rmtree(self._root, ignore_errors=True)
+
+
+def _alive(s: "SandboxHandle") -> bool:
+    """Whether a sandbox can take a cell. ``Popen.poll()`` alone is not enough: it answers None
+    while another thread waits on the process, so a sandbox killed from outside would look alive
+    until that thread has seen it die. Its control socket hangs up the moment it dies."""
+    if s.dead or s.proc.poll() is not None:
+        return False
+    p = select.poll()
+    p.register(s.ctl.fileno(), select.POLLHUP | select.POLLERR)
+    return not p.poll(0)
 
 
 def _killpg(proc: subprocess.Popen) -> None:

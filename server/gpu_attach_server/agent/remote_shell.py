@@ -155,8 +155,15 @@ class RemoteShell:
         config.HistoryManager.enabled = False  # no sqlite file in the sandbox's home
         _ForwardingDisplayPublisher.runner = self
         _ForwardingDisplayHook.runner = self
+        extra = {}
+        try:  # a notebook kernel's cell file names (warnings and tracebacks name them) where ipykernel is here
+            from ipykernel.compiler import XCachingCompiler
+
+            extra["compiler_class"] = XCachingCompiler
+        except ImportError:
+            pass
         self.shell = SandboxZMQShell.instance(config=config, display_pub_class=_ForwardingDisplayPublisher,
-                                               displayhook_class=_ForwardingDisplayHook)
+                                               displayhook_class=_ForwardingDisplayHook, **extra)
         self.shell._showtraceback = self._capture_traceback
         self.ns = self.shell.user_ns
         self.hashes: dict[str, str] = {}  # name -> the content hash the notebook holds for it too
