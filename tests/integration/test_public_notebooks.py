@@ -89,7 +89,9 @@ def test_doctest_runs_become_cells_without_their_expected_output():
     0
     1
 
-Later:: 
+... and prose that starts like a continuation line.
+
+Later::
 
     >>> b = a * 2  # doctest: +SKIP
 """
