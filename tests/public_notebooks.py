@@ -57,7 +57,7 @@ import nbformat
 
 INDEX = os.environ.get("GPU_ATTACH_PYPI_SIMPLE", "https://pypi.org/simple")
 #: Bump to rebuild cached notebooks when the converter changes.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -83,6 +83,17 @@ class Tutorial:
         except PackageNotFoundError as e:
             raise RuntimeError(f"{self.dist} is not installed: `pip install {self.dist}` (the tutorial runs on it)") from e
 
+
+#: What each project's docs build runs before a page, so the page's blocks can assume it. Without it
+#: most of pandas' pages (no imports of their own) and NumPy's absolute_beginners (its import is a
+#: prompt-less code-block) would be a NameError in every cell, in both runs: identical, but empty.
+SETUP = {
+    # numpy's doctests run with ``np`` in their namespace (doc/conftest.py, scipy-doctest's default).
+    "numpy": "# The docs build's doctest namespace (numpy's doc/conftest.py)\nimport numpy as np",
+    # pandas doc/source/conf.py: ipython_execlines, run before every page's ipython blocks.
+    "pandas": ("# The docs build's setup (pandas doc/source/conf.py: ipython_execlines)\n"
+               "import numpy as np\nimport pandas as pd\npd.options.display.encoding = \"utf8\""),
+}
 
 TUTORIALS = [
     Tutorial("numpy_quickstart", "numpy", "doc/source/user/quickstart.rst", "doctest", "BSD-3-Clause"),
@@ -300,6 +311,8 @@ def convert(t: Tutorial, page: Path, out_root: Path) -> Converted:
     ver = t.dist_version()
     sources = CONVERTERS[t.kind](page.read_text(encoding="utf-8"))
     kept, dropped = [], []
+    if t.dist in SETUP:
+        kept.append(SETUP[t.dist])
     for s in sources:
         mod = missing_module(s)
         if mod:
@@ -309,7 +322,8 @@ def convert(t: Tutorial, page: Path, out_root: Path) -> Converted:
     installed = version(t.dist)
     credit = (f"Converted at test time from **{t.dist} {ver}**, file `{t.member}` of its source distribution "
               f"on PyPI ({t.licence}; © the {t.dist} developers). Code cells are the page's code blocks, "
-              f"unchanged; run on {t.dist} {installed}.")
+              f"unchanged; run on {t.dist} {installed}."
+              + (" The first code cell is the docs build's own setup, which the page assumes." if t.dist in SETUP else ""))
     if dropped:
         credit += "\n\nDropped (they need modules not installed here):\n" + "\n".join(f"- `{s}`: {why}" for s, why in dropped)
     nb = nbformat.v4.new_notebook(
