@@ -57,7 +57,7 @@ import nbformat
 
 INDEX = os.environ.get("GPU_ATTACH_PYPI_SIMPLE", "https://pypi.org/simple")
 #: Bump to rebuild cached notebooks when the converter changes.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 
 
 def cache_dir() -> Path:
@@ -278,6 +278,11 @@ _NEEDS = {"to_hdf": "tables", "read_hdf": "tables", "HDFStore": "tables", "to_ex
           "to_clipboard": "pyperclip", "to_markdown": "tabulate", "scipy": "scipy"}
 
 
+#: ``interpolate`` methods that pandas delegates to SciPy (pandas' own: linear, time, index, pad...).
+_SCIPY_METHODS = re.compile(r"""["'](barycentric|krogh|pchip|spline|polynomial|akima|cubicspline|from_derivatives|"""
+                            r"""quadratic|cubic|slinear|zero|nearest|piecewise_polynomial)["']""")
+
+
 def missing_module(source: str) -> str | None:
     """The first module the cell needs that is not installed here, or None."""
     needed = []
@@ -290,6 +295,8 @@ def missing_module(source: str) -> str | None:
     except SyntaxError:
         pass
     needed += [mod for word, mod in _NEEDS.items() if re.search(rf"\b{word}\b", source)]
+    if "interpolate(" in source and _SCIPY_METHODS.search(source):
+        needed.append("scipy")
     for name in needed:
         top = name.split(".")[0]
         if importlib.util.find_spec(top) is None:

@@ -175,3 +175,7 @@ def test_cells_needing_an_uninstalled_module_are_found():
     assert pn.missing_module("from no_such_module_xyz.sub import f") == "no_such_module_xyz"
     assert pn.missing_module("import os") is None
     assert pn.missing_module("df.to_hdf('x.h5', 'df')") == (None if pn.importlib.util.find_spec("tables") else "tables")
+    scipy = None if pn.importlib.util.find_spec("scipy") else "scipy"
+    assert pn.missing_module('df.interpolate(method="pchip")') == scipy
+    assert pn.missing_module('methods = ["linear", "cubic"]\n{m: ser.interpolate(method=m) for m in methods}') == scipy
+    assert pn.missing_module('df.interpolate()\ns.str.zfill(3)') is None
