@@ -102,11 +102,15 @@ TUTORIALS = [
     Tutorial("pandas_missing_data", "pandas", "doc/source/user_guide/missing_data.rst", "ipython", "BSD-3-Clause",
              pinned="2.0.3"),
     Tutorial("pandas_text", "pandas", "doc/source/user_guide/text.rst", "ipython", "BSD-3-Clause", pinned="2.0.3"),
+    Tutorial("pandas_reshaping", "pandas", "doc/source/user_guide/reshaping.rst", "ipython", "BSD-3-Clause",
+             pinned="2.0.3"),
     Tutorial("matplotlib_pyplot", "matplotlib", "galleries/tutorials/pyplot.py", "gallery",
              "Matplotlib License (PSF-based, BSD-compatible)"),
     Tutorial("matplotlib_quick_start", "matplotlib", "galleries/users_explain/quick_start.py", "gallery",
              "Matplotlib License (PSF-based, BSD-compatible)"),
     Tutorial("matplotlib_lifecycle", "matplotlib", "galleries/tutorials/lifecycle.py", "gallery",
+             "Matplotlib License (PSF-based, BSD-compatible)"),
+    Tutorial("matplotlib_text_intro", "matplotlib", "galleries/users_explain/text/text_intro.py", "gallery",
              "Matplotlib License (PSF-based, BSD-compatible)"),
 ]
 
