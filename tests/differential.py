@@ -521,6 +521,17 @@ def run_all(paths: list[Path], transform: str = "gpu", cell_timeout: float = 120
     return Summary([run_differential(Path(p), transform, cell_timeout, cache) for p in paths])
 
 
+def assert_fidelity(paths: list[Path], target: float = 0.95, what: str = "code cells") -> Summary:
+    """Run the differential on ``paths`` and fail (with the per-cell report) under ``target``."""
+    summary = run_all(paths)
+    print(summary.format())
+    assert summary.share >= target, (
+        f"{summary.identical}/{summary.code_cells} {what} identical under %%gpu "
+        f"({summary.share:.1%}, target {target:.0%}):\n{summary.format()}")
+    assert summary.namespace_share >= target, f"namespaces differ ({summary.namespace_share:.1%}):\n{summary.format()}"
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.differential", description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks (default: every one in tests/notebooks)")

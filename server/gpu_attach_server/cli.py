@@ -209,7 +209,7 @@ def run_agent(args) -> int:
     from .agent.agent import Agent, AgentSettings, new_agent_id
     from .agent.inventory import discover
 
-    from .agent.agent import EnrolmentError, IsolationError
+    from .agent.agent import IsolationError
 
     token = os.environ.pop("GPU_ATTACH_AGENT_TOKEN", None)  # popped: no child process inherits it
     if args.agent_token_file:

@@ -15,17 +15,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from differential import NOTEBOOKS, Summary, run_differential, run_notebook, compare  # noqa: E402
+from differential import NOTEBOOKS, Summary, assert_fidelity, compare, run_notebook  # noqa: E402
 
 TARGET = 0.95
 
+
 def _check(paths: list[Path]) -> None:
-    summary = Summary([run_differential(p) for p in paths])
-    print(summary.format())
-    assert summary.share >= TARGET, (
-        f"{summary.identical}/{summary.code_cells} code cells identical under %%gpu "
-        f"({summary.share:.1%}, target {TARGET:.0%}):\n{summary.format()}")
-    assert summary.namespace_share >= TARGET, f"namespaces differ ({summary.namespace_share:.1%}):\n{summary.format()}"
+    assert_fidelity(paths, TARGET, "code cells")
 
 
 @pytest.mark.timeout(1800)

@@ -21,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import public_notebooks as pn  # noqa: E402
-from differential import Summary, run_differential  # noqa: E402
+from differential import assert_fidelity  # noqa: E402
 
 TARGET = 0.95
 
@@ -38,12 +38,7 @@ def _notebooks(stems: list[str] | None) -> list[Path]:
 
 
 def _check(paths: list[Path]) -> None:
-    summary = Summary([run_differential(p) for p in paths])
-    print(summary.format())
-    assert summary.share >= TARGET, (
-        f"{summary.identical}/{summary.code_cells} code cells of public tutorials identical under %%gpu "
-        f"({summary.share:.1%}, target {TARGET:.0%}):\n{summary.format()}")
-    assert summary.namespace_share >= TARGET, f"namespaces differ ({summary.namespace_share:.1%}):\n{summary.format()}"
+    assert_fidelity(paths, TARGET, "code cells of public tutorials")
 
 
 @pytest.mark.timeout(3600)
