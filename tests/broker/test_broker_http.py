@@ -30,6 +30,11 @@ def test_a_queued_request_learns_of_its_grant_at_once(site):
         assert r.status_code == 202
         queued = r.json()
         assert queued["state"] == "queued" and queued["position"] == 1 and queued["of"] == 1
+        # The listing shows it too, with its place (the JupyterLab panel's queue view), to its owner only.
+        listed = bob.get("/v1/leases").json()["leases"]
+        assert listed[0]["id"] == queued["id"] and listed[0]["state"] == "queued" and listed[0]["position"] == 1
+        assert [x["id"] for x in bob.get("/v1/leases", params={"state": "queued"}).json()["leases"]] == [queued["id"]]
+        assert queued["id"] not in [x["id"] for x in alice.get("/v1/leases").json()["leases"]]
         got = {}
 
         def poll():
@@ -94,8 +99,9 @@ def test_listings_are_paged_newest_first(site):
 
 
 def test_admin_routes_need_the_admin_token(site):
-    for who in ("alice", "agent"):
-        with site.client(who) as c:
+    agent = {"Authorization": f"Bearer {site.enrol('h1')}"}  # an enrolled agent is no admin either
+    for c in (site.client("alice"), httpx.Client(base_url=site.url, headers=agent)):
+        with c:
             for path in ("/v1/admin/agents", "/v1/admin/leases", "/v1/admin/queue", "/v1/admin/quotas",
                          "/v1/admin/usage?since=0", "/v1/admin/audit", "/v1/admin/tokens"):
                 assert c.get(path).status_code == 403, path
@@ -169,7 +175,9 @@ def test_tokens_made_by_the_admin_work_until_revoked(site):
 
 def test_usage_report_and_metrics(site):
     t0 = time.time()
-    with site.client("alice") as alice, site.client("agent") as agent, site.client("admin") as admin:
+    as_h2 = {"Authorization": f"Bearer {site.enrol('h2')}"}  # the agent's own credential
+    with site.client("alice") as alice, httpx.Client(base_url=site.url, headers=as_h2) as agent, \
+            site.client("admin") as admin:
         lease = alice.post("/v1/leases", json={"session": "u", "gpus": 1}).json()
         incarnation = site.register_fake_agent("h2", 1, pool="beat")["incarnation"]
         running = alice.post("/v1/leases", json={"session": "r", "gpus": 1, "pool": "beat"}).json()

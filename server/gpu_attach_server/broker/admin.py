@@ -86,7 +86,8 @@ class SiteAdmin:
         return [dict(g, drained=g["id"] in drained or g["agent"] in drained) for g in self.broker.pool()["gpus"]]
 
     def leases(self, who: Principal, user: str | None, state: str | None, before: str | None, limit: int) -> dict:
-        page = self.broker.lease_page(who, state, None, before, limit, user=user)
+        # The queue has its own view (/v1/admin/queue): this one lists leases only.
+        page = self.broker.lease_page(who, state, None, before, limit, user=user, queued=False)
         t = now()
         for lease in page["leases"]:
             lease["age_s"] = round((lease["ended_at"] or t) - lease["granted_at"], 3)

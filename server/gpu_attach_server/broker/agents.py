@@ -219,8 +219,9 @@ def install(app: FastAPI, broker, tokens: TokenBook, sessions: Sessions | None =
     tokens.lookup = lookup
 
     # Every grant names its agent's key. (Wrapped here so core.py stays free of agent trust.)
-    plain_grant = broker.grant
-    broker.grant = lambda *a, **k: trust.name_agent(plain_grant(*a, **k))
+    # Every grant (made at once, or later from the queue) names its agent's key.
+    plain_grant_json = broker._grant_json
+    broker._grant_json = lambda *a, **k: trust.name_agent(plain_grant_json(*a, **k))
 
     def who(request: Request) -> Principal:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -251,7 +252,10 @@ def install(app: FastAPI, broker, tokens: TokenBook, sessions: Sessions | None =
     async def agent_principal(request: Request) -> Principal:
         return who(request)
 
-    r = APIRouter()
+    from .schemas import errors
+
+    # Every refusal these routes can answer, in the OpenAPI document (which the tests fuzz).
+    r = APIRouter(responses=errors(400, 401, 403, 404, 409, 422))
 
     @r.post("/v1/agents/{agent_id}/credential", status_code=201)
     async def issue_credential(agent_id: AgentId, _: Principal = Depends(admin)):

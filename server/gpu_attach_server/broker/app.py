@@ -148,7 +148,7 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
     @app.get("/v1/leases", responses={200: {"model": schemas.LeasePage}, **E(400, 401, 403, 422)})
     async def list_leases(
         who: Principal = Depends(user),
-        state: Optional[str] = Query(None, pattern="^(" + "|".join(LEASE_STATES) + ")$"),
+        state: Optional[str] = Query(None, pattern="^(" + "|".join(("queued", *LEASE_STATES)) + ")$"),
         session: Optional[str] = Query(None, max_length=128),
         before: Optional[str] = Query(None, pattern=CURSOR, description="the previous page's `next`"),
         limit: int = Query(100, ge=1, le=1000),

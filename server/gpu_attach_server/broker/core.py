@@ -367,7 +367,8 @@ class Broker(WaitingRoom, Accounting):
         return self.lease_page(who, state, session, limit=limit)["leases"]
 
     def lease_page(self, who: Principal, state: str | None = None, session: str | None = None,
-                   before: str | None = None, limit: int = 100, user: str | None = None) -> dict:
+                   before: str | None = None, limit: int = 100, user: str | None = None,
+                   queued: bool = True) -> dict:
         """One page of the caller's leases (an admin's: everyone's, or ``user``'s), newest first.
 
         ``next`` is the cursor for the following page (pass it as ``before``), or None at the end.
@@ -375,9 +376,13 @@ class Broker(WaitingRoom, Accounting):
         """
         owner = user if who.is_admin else who.name
         cursor = parse_cursor(before) if before else None
+        # Requests still in the queue live in memory, not in the table: the first page shows them.
+        waiting = self.queued_of(owner, session) if queued and before is None and state in (None, "queued") else []
+        if state == "queued":
+            return {"leases": waiting[:limit], "next": None}
         with self.store.read() as conn:
             rows = self.store.lease_page(conn, owner, state, session, cursor, limit)
-        out = [_page_json(r) for r in rows]
+        out = waiting + [_page_json(r) for r in rows]
         nxt = f"{rows[-1]['created_at']!r}_{rows[-1]['id']}" if len(rows) == limit else None
         return {"leases": out, "next": nxt}
 

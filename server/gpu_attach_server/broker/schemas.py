@@ -6,7 +6,7 @@ The per-cell routes return plain JSON built by the core and declare these models
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Union, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -100,7 +100,8 @@ class LeaseInfo(_Doc):
 
 
 class LeasePage(_Doc):
-    leases: list[LeaseInfo]
+    leases: list[Union[Queued, LeaseInfo]] = Field(..., description="requests still in the queue first (first page), "
+                                                   "then leases, newest first")
     next: Optional[str] = Field(None, description="pass as ?before= for the next page; null at the end")
 
 

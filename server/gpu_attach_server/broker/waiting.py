@@ -144,6 +144,15 @@ class WaitingRoom:
             if on_change in w.listeners:
                 w.listeners.remove(on_change)
 
+    def queued_of(self, owner: str | None, session: str | None = None) -> list[dict]:
+        """Requests waiting in the queue, ``owner``'s (None: everyone's), newest first, with their
+        positions: a lease listing shows them before the leases (the panel's queue view)."""
+        t = now()
+        with self._qlock:
+            waiting = [w for w in self._waiters.values() if w.state == "queued"
+                       and (owner is None or w.user == owner) and (session is None or w.session == session)]
+            return [self._queued_json(w, t) for w in sorted(waiting, key=lambda w: w.arrived, reverse=True)]
+
     def queue_view(self) -> dict:
         """The queue in its order, for the admin: who waits for what, how long, and their usage."""
         t = now()
