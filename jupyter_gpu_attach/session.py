@@ -351,7 +351,19 @@ class _Exchange:
         agent_identity.check_admitted(self.lease, hello, admitted.header)
         sock.settimeout(None)
         if not pipelined:
-            wire.send_frame(sock, header, buffers)
+            try:
+                wire.send_frame(sock, header, buffers)
+            except (BrokenPipeError, ConnectionResetError):
+                # The sandbox stopped reading: it may have refused the inputs (over its memory
+                # limit, say) and said why before it hung up. That answer, if there, is the error.
+                sock.settimeout(1.0)
+                try:
+                    refusal = wire.recv_frame(sock)
+                except (OSError, wire.WireError):
+                    raise AgentLost(f"{where} hung up while the cell's inputs were sent") from None
+                if refusal.op == "result":
+                    return refusal
+                raise
         while True:
             wait = None
             if interrupted_at is not None:

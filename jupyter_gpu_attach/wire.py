@@ -118,8 +118,8 @@ def recv_frame(sock: socket.socket, limits: Limits | None = None, recycler: "Buf
     total = sum(sizes)
     if total > limits.max_payload_bytes:
         raise WireError(
-            f"frame payload of {total} bytes is over the limit of {limits.max_payload_bytes} "
-            "(raise the agent's --max-payload to send more)"
+            f"frame payload of {total} bytes is over the limit of {limits.max_payload_bytes} bytes for this cell "
+            "(the slice's host-memory limit, or the agent's --max-payload): ask for a larger slice, or send less"
         )
     try:
         header = json.loads(_recv_exact(sock, head_len))

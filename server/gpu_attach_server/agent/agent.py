@@ -382,7 +382,13 @@ class Agent:
                     if nonce is not None:
                         admitted["proof"] = self.key.prove(nonce, claims["lease"])
                     wire.send_frame(conn, admitted)
-                    socket.send_fds(sandbox.ctl, [json.dumps({"op": "cell", "claims": claims}).encode()],
+                    # This cell's slice sets what its inputs may weigh (the sandbox may have been
+                    # claimed for a smaller one): refused before any memory is reserved.
+                    limit = self.settings.max_payload
+                    if sandbox.cgroup is not None:
+                        limit = min(limit, self._host_memory(claims))
+                    cell = {"op": "cell", "claims": claims, "max_payload": limit}
+                    socket.send_fds(sandbox.ctl, [json.dumps(cell).encode()],
                                     [conn.fileno()])
                     self._watch_cell(conn, sandbox, claims, confirmed)
                     watched = True

@@ -74,13 +74,16 @@ class Cgroup:
                     _write(self.dirs["unified"] / "memory.swap.max", "0")
             else:
                 d = self.dirs["memory"]
-                _write(d / "memory.limit_in_bytes", str(limit))
-                # Swap would let a cell run on past its limit instead of failing.
-                if (d / "memory.memsw.limit_in_bytes").exists():
-                    try:
-                        _write(d / "memory.memsw.limit_in_bytes", str(limit))
-                    except OSError:
-                        pass
+                memsw = d / "memory.memsw.limit_in_bytes"  # memory + swap: no swap past the limit
+                if not memsw.exists():
+                    _write(d / "memory.limit_in_bytes", str(limit))
+                    return
+                # v1 keeps memory <= memory+swap at every step: raising, the outer bound goes first.
+                order = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
+                if limit > int((d / "memory.limit_in_bytes").read_text()):
+                    order.reverse()
+                for name in order:
+                    _write(d / name, str(limit))
         except OSError:
             pass  # EBUSY: lowering below what the sandbox holds now; the next cell gets the old one
 

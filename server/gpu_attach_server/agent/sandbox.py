@@ -288,6 +288,8 @@ class Sandbox:
                 continue
             conn = socket.socket(fileno=fds[0])
             claims = request["claims"]
+            if isinstance(request.get("max_payload"), int):
+                self.limits.max_payload_bytes = request["max_payload"]
             try:
                 self.run_cell(conn, claims)
             finally:
