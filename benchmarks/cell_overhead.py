@@ -291,7 +291,7 @@ def check_same(sent: np.ndarray, got, rng: np.random.Generator) -> None:
 def array_round_trip(s: GPUSession, gib: float, repeats: int) -> dict:
     n = int(gib * GIB) // 8
     nbytes = n * 8
-    req = SliceRequest.from_options(memory=f"{max(2, int(np.ceil(gib * 2)))}GiB")
+    req = SliceRequest.from_options(memory=f"{max(4, int(np.ceil(gib * 4)))}GiB")
     rng = np.random.default_rng(0)
     a = np.arange(n, dtype=np.float64)  # every element distinct: a shifted or torn copy cannot pass the check
     a *= 1.5  # fractional values too
@@ -399,7 +399,7 @@ def cached_rerun(s: GPUSession, gib: float, repeats: int) -> dict:
     """A cell that reads a large input and returns a scalar: first run (the input travels) and
     re-runs with the input unchanged (only its hash does)."""
     n = int(gib * GIB) // 8
-    req = SliceRequest.from_options(memory=f"{max(2, int(np.ceil(gib * 2)))}GiB")
+    req = SliceRequest.from_options(memory=f"{max(4, int(np.ceil(gib * 4)))}GiB")
     a = np.arange(n, dtype=np.float64)
     uncached: list[float] = []
     cached: list[float] = []

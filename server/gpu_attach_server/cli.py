@@ -524,9 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--uid-map", help='JSON file {"alice": 1001}: run these users\' cells as their own accounts')
     a.add_argument("--single-user", action="store_true",
                    help="one user's own pool (the embedded default): cells run as the agent's uid")
-    a.add_argument("--sandbox-memory", default="1x",
+    a.add_argument("--sandbox-memory", default="2x",
                    help="host-memory limit per sandbox: a multiple of the slice's GPU memory (2x) or a size (8GiB); "
-                        "at least 1 GiB (default 1x)")
+                        "at least 1 GiB (default 2x: the session keeps its namespace, and parks device arrays, in host memory)")
     a.add_argument("--sandbox-pids", type=int, default=1024, help="processes and threads per sandbox (default 1024)")
     a.add_argument("--allow-unenforced", action="store_true",
                    help="serve other users even where cgroups or per-user uids cannot be enforced (said at start)")

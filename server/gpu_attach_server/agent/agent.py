@@ -89,7 +89,7 @@ class AgentSettings:
     single_user: bool = False  # an embedded pool: cells run as the agent's own uid (its one user)
     sandbox_uids: str = "60000-60999"  # a root agent runs each broker user's cells as its own uid from here
     uid_map: dict | None = None  # {broker user: uid}: users' real accounts, before the range
-    sandbox_memory: str = "1x"  # host-memory limit per sandbox: a multiple of the slice's GPU memory, or a size
+    sandbox_memory: str = "2x"  # host-memory limit per sandbox: a multiple of the slice's GPU memory, or a size
     sandbox_memory_min: int = 1 << 30
     sandbox_pids: int = 1024
     allow_unenforced: bool = False  # serve other users even where cgroups or uid separation are missing
