@@ -6,6 +6,7 @@ releases; the magics, the widget and the Python API are shells around it. No IPy
 
 from __future__ import annotations
 
+import builtins
 import os
 import secrets
 import select
@@ -250,7 +251,11 @@ class GPUSession:
             except Exception:
                 exc = None
         if not isinstance(exc, BaseException):
-            exc = RemoteCellError(etype.rsplit(".", 1)[-1], message)
+            cls = getattr(builtins, etype.split(".", 1)[1], None) if etype.startswith("builtins.") else None
+            if isinstance(cls, type) and issubclass(cls, Exception):
+                exc = cls(message)  # MemoryError and friends keep their type
+            else:
+                exc = RemoteCellError(etype.rsplit(".", 1)[-1], message)
         stb = error.get("stb")
         if stb:
             try:
@@ -410,6 +415,10 @@ class _Exchange:
                 if why_interrupted == "timeout" and err.endswith("KeyboardInterrupt"):
                     raise _stopped("timeout", timeout, hung=False)
                 return frame
+            elif op == "error":  # the agent itself ended the cell (its sandbox ran out of memory, say)
+                h = frame.header
+                return wire.Frame({"op": "result", "value_buffers": 0, "error": {
+                    "etype": str(h.get("etype", "Exception")), "message": str(h.get("message", "")), "stb": None}})
             elif op == "reject":  # the agent gave up on the cell after admitting it
                 raise CellRejected(f"{where} stopped the cell: {frame.header.get('message')}")
             else:
