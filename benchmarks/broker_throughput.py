@@ -42,16 +42,22 @@ USERS = {f"u{i}": f"bench-user-{i}-token-0123456789" for i in range(8)}
 
 
 def start_broker(state: str) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, GPU_ATTACH_ADMIN_TOKEN=ADMIN, GPU_ATTACH_AGENT_TOKEN=AGENT,
+    # The agent is enrolled as a site enrols one: its own credential, bound to its name.
+    env = dict(os.environ, GPU_ATTACH_ADMIN_TOKEN=ADMIN, GPU_ATTACH_AGENT_TOKENS=f"bench:{AGENT}",
                GPU_ATTACH_USER_TOKENS=",".join(f"{u}:{t}" for u, t in USERS.items()))
+    env.pop("GPU_ATTACH_AGENT_TOKEN", None)
     proc = subprocess.Popen([sys.executable, "-m", "gpu_attach_server.cli", "broker", "--port", "0",
                              "--state-dir", state, "--agent-timeout", "36000"],
                             env=env, stdout=subprocess.PIPE, text=True)
-    url = wait_ready(proc, "the broker")["url"]
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {AGENT}"}) as c:
-        c.post("/v1/agents", json={"agent_id": "bench", "address": "127.0.0.1:1", "devices": [
-            {"index": i, "uuid": f"GPU-{i}", "model": "Sim", "memory": 80 << 30, "simulated": True}
-            for i in range(8)]}).raise_for_status()
+    try:
+        url = wait_ready(proc, "the broker")["url"]
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {AGENT}"}) as c:
+            c.post("/v1/agents", json={"agent_id": "bench", "address": "127.0.0.1:1", "devices": [
+                {"index": i, "uuid": f"GPU-{i}", "model": "Sim", "memory": 80 << 30, "simulated": True}
+                for i in range(8)]}).raise_for_status()
+    except BaseException:
+        proc.kill()
+        raise
     return proc, url
 
 

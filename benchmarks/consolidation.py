@@ -51,17 +51,29 @@ MAX_CELL_S = 600.0
 
 
 def start_site(state: str, gpus: int) -> tuple[list[subprocess.Popen], str, str]:
-    token = secrets.token_urlsafe(24)
-    env = dict(os.environ, GPU_ATTACH_ADMIN_TOKEN=secrets.token_urlsafe(24), GPU_ATTACH_AGENT_TOKEN=secrets.token_urlsafe(24),
+    token, agent_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    # The agent is enrolled as a site enrols one: its own credential, bound to its --name.
+    env = {k: v for k, v in os.environ.items() if k != "GPU_ATTACH_AGENT_TOKEN"}
+    env.update(GPU_ATTACH_ADMIN_TOKEN=secrets.token_urlsafe(24), GPU_ATTACH_AGENT_TOKENS=f"sim:{agent_token}",
                GPU_ATTACH_USER_TOKENS=f"bench:{token}")
     broker = subprocess.Popen([sys.executable, "-m", "gpu_attach_server.cli", "broker", "--port", "0",
                                "--state-dir", state], env=env, stdout=subprocess.PIPE, text=True)
-    url = wait_ready(broker, "the broker")["url"]
-    agent_env = {k: v for k, v in env.items() if k != "GPU_ATTACH_USER_TOKENS"}
-    agent = subprocess.Popen([sys.executable, "-m", "gpu_attach_server.cli", "agent", "--broker", url, "--name", "sim",
-                              "--simulate", str(gpus), "--sandbox-idle", "7200"],
-                             env=agent_env, stdout=subprocess.PIPE, text=True)
-    wait_ready(agent, "the agent")
+    procs = [broker]
+    try:
+        url = wait_ready(broker, "the broker")["url"]
+        agent_env = {k: v for k, v in env.items() if not k.startswith(("GPU_ATTACH_USER_", "GPU_ATTACH_ADMIN_", "GPU_ATTACH_AGENT_"))}
+        agent_env["GPU_ATTACH_AGENT_TOKEN"] = agent_token
+        extra = () if os.geteuid() == 0 else ("--allow-unenforced",)
+        agent = subprocess.Popen([sys.executable, "-m", "gpu_attach_server.cli", "agent", "--broker", url, "--name", "sim",
+                                  "--simulate", str(gpus), "--sandbox-idle", "7200",
+                                  "--state-dir", os.path.join(state, "agent"), *extra],
+                                 env=agent_env, stdout=subprocess.PIPE, text=True)
+        procs.insert(0, agent)
+        wait_ready(agent, "the agent")
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
     return [agent, broker], url, token
 
 

@@ -47,8 +47,12 @@ WATCH_MAX_S = 10.0
 SESSION_BEAT_S = 2.0  # how often a kernel says its session is alive
 SESSION_TIMEOUT_S = 6.0  # a session silent this long (its kernel died) is ended
 MAX_SESSION_EVENTS = 10000
+KEY_CACHE_S = 5.0  # how long a replica trusts its cached copy of an agent's public key
 
 _meta = MetaData()
+# Defined once: an Index joins its table when made, so a second broker in one process (tests)
+# would otherwise carry it twice.
+_AGENT_ENDED = Index("ix_leases_agent_ended", leases.c.agent_id, leases.c.ended_at)
 agent_identities = Table(
     "agent_identities",
     _meta,
@@ -123,8 +127,11 @@ class AgentTrust:
         self.store = store
         _meta.create_all(store.engine)
         # The lease-end feed asks "which of this agent's leases ended since T" every few ms.
-        Index("ix_leases_agent_ended", leases.c.agent_id, leases.c.ended_at).create(store.engine, checkfirst=True)
-        self._keys: dict[str, str | None] = {}
+        _AGENT_ENDED.create(store.engine, checkfirst=True)
+        # agent id -> (key PEM or None, its fingerprint, when read). Every grant names its agent's
+        # key, so it is read from the table at most once per KEY_CACHE_S per agent (an agent
+        # without a key too); another replica's change is seen within that time.
+        self._keys: dict[str, tuple[str | None, str | None, float]] = {}
         self._tokens: dict[bytes, str | None] = {}
 
     def issue(self, agent_id: str) -> str:
@@ -175,27 +182,31 @@ class AgentTrust:
             if not n:
                 conn.execute(insert(agent_identities).values(agent_id=agent_id, public_key=pem,
                                                              updated_at=time.time()))
-        self._keys[agent_id] = pem
+        self._keys[agent_id] = (pem, fingerprint(pem), time.monotonic())
         return fingerprint(pem)
 
     def key(self, agent_id: str) -> str | None:
-        if agent_id not in self._keys:
+        return self._key(agent_id)[0]
+
+    def _key(self, agent_id: str) -> tuple[str | None, str | None]:
+        cached = self._keys.get(agent_id)
+        t = time.monotonic()
+        if cached is None or t - cached[2] > KEY_CACHE_S:
             with self.store.read() as conn:
                 row = conn.execute(select(agent_identities.c.public_key)
                                    .where(agent_identities.c.agent_id == agent_id)).first()
-            if row is None or row.public_key is None:
-                return None
-            self._keys[agent_id] = row.public_key
-        return self._keys[agent_id]
+            pem = row.public_key if row is not None else None
+            cached = self._keys[agent_id] = (pem, fingerprint(pem) if pem else None, t)
+        return cached[0], cached[1]
 
     def name_agent(self, grant: dict) -> dict:
         """Add the granted agent's public key to a grant, so the kernel can check who answers."""
         agent = grant.get("agent") if isinstance(grant, dict) else None
         if isinstance(agent, dict) and agent.get("id"):
-            pem = self.key(agent["id"])
+            pem, fp = self._key(agent["id"])
             if pem:
                 agent["public_key"] = pem
-                agent["fingerprint"] = fingerprint(pem)
+                agent["fingerprint"] = fp
         return grant
 
 

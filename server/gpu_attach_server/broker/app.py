@@ -7,19 +7,23 @@ any; agents only register and beat. Domain errors map to HTTP codes in one place
 from __future__ import annotations
 
 import asyncio
-import json
+import math
 import logging
 import threading
 from contextlib import asynccontextmanager
 from typing import Annotated, Optional
 
+import orjson
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from . import agents, schemas
+from .fast_path import FastPath, LeaseCalls, error_body
 from .auth import Principal, TokenBook
 from .core import LEASE_STATES, Broker, BrokerError
 from .models import AgentRegistration, Heartbeat, LeaseRequest
@@ -93,9 +97,15 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
     # The 413 of a body over the limit found while reading it (no Content-Length) is raised from
     # inside the request; HTTPException carries it out as a 413, not a 500.
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        # FastAPI's own handler echoes each bad input, and a NaN or Infinity in it (Python's json
+        # reads them) made that answer unencodable: a 500 instead of the 422 that names the field.
+        return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
+
     @app.exception_handler(BrokerError)
     async def _domain_error(request: Request, exc: BrokerError):
-        return JSONResponse({"detail": str(exc), "reason": exc.reason, **exc.extra}, status_code=exc.status)
+        return JSONResponse(error_body(exc), status_code=exc.status)
 
     def _who(request: Request) -> Principal:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -129,6 +139,15 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
 
     E = schemas.errors
 
+    # What the per-cell routes do, shared with the fast path (fast_path.py), which answers the
+    # well-formed, authorised ones without the framework.
+    calls = LeaseCalls(
+        grant=lambda who, body: _granted(broker.grant(who, body.slice(), body.session, body.label, body.wait_s)),
+        release=lambda who, lease_id: (200, broker.release(who, lease_id)),
+        renew=lambda who, lease_id: (200, broker.renew(who, lease_id)),
+        lookup=lambda: tokens.lookup)
+    app.add_middleware(FastPath, calls=calls)
+
     @app.get("/healthz", response_model=schemas.Health)
     async def healthz():
         return {"ok": True}
@@ -142,8 +161,7 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
         202: {"model": schemas.Queued, "description": "queued (wait_s > 0): poll GET /v1/leases/{id}?wait=S"},
         **E(401, 403, 409, 413, 422)})
     async def request_lease(body: LeaseRequest, who: Principal = Depends(user)):
-        out = broker.grant(who, body.slice(), body.session, body.label, body.wait_s)
-        return JSONResponse(out, status_code=201 if out["state"] == "granted" else 202)
+        return _json(*calls.grant(who, body))
 
     @app.get("/v1/leases", responses={200: {"model": schemas.LeasePage}, **E(400, 401, 403, 422)})
     async def list_leases(
@@ -156,7 +174,7 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
         """The caller's leases (an admin's: everyone's), newest first, one page at a time. The page
         is read and encoded on a worker thread, off the event loop that serves grants."""
         body = await run_in_threadpool(
-            lambda: json.dumps(broker.lease_page(who, state, session, before, limit)).encode())
+            lambda: orjson.dumps(broker.lease_page(who, state, session, before, limit, raw=True)))
         return Response(body, media_type="application/json")
 
     @app.get("/v1/leases/{lease_id}", responses={
@@ -185,11 +203,11 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
 
     @app.post("/v1/leases/{lease_id}/renew", responses={200: {"model": schemas.Renewed}, **E(401, 403, 404, 409, 422)})
     async def renew_lease(lease_id: LeaseId, who: Principal = Depends(user)):
-        return JSONResponse(broker.renew(who, lease_id))
+        return _json(*calls.renew(who, lease_id))
 
     @app.delete("/v1/leases/{lease_id}", responses={200: {"model": schemas.Ended}, **E(401, 403, 404, 422)})
     async def release_lease(lease_id: LeaseId, who: Principal = Depends(user)):
-        return JSONResponse(broker.release(who, lease_id))
+        return _json(*calls.release(who, lease_id))
 
     @app.get("/v1/pool", responses={200: {"model": schemas.Pool}, **E(401, 403)})
     async def pool(who: Principal = Depends(user)):
@@ -230,3 +248,22 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
 
     app.openapi = openapi
     return app
+
+
+def _granted(out: dict) -> tuple[int, dict]:
+    return (201 if out["state"] == "granted" else 202), out
+
+
+def _json(status: int, out: dict) -> Response:
+    return Response(orjson.dumps(out), status_code=status, media_type="application/json")
+
+
+def _finite(x):
+    """``x`` with every NaN or infinite float written as a string, so that JSON can carry it."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return repr(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
