@@ -428,3 +428,38 @@ def test_concurrent_grants_never_over_commit(broker):
         assert len(g["leases"]) == 3
         assert g["used_memory"] <= g["memory"]
         assert g["used_memory"] == 3 * int(g["memory"] * 0.3)
+
+
+def test_the_listing_the_database_writes_is_the_listing_python_builds(broker):
+    """The HTTP listing's JSON is written by the database (Store.lease_page_json, on SQLite and,
+    in test_postgres.py, PostgreSQL); it must say exactly what lease_page says, page by page."""
+    import json
+
+    granted = []
+    for i in range(23):
+        size = [SliceRequest(fraction=1 / 3), SliceRequest(gpus=2), SliceRequest(memory=3 * GiB),
+                SliceRequest(fraction=0.1)][i % 4]
+        lease = broker.grant(ALICE, size, f"s{i % 3}", label=['cell "7" ü\n', "", "x" * 256][i % 3])
+        if i != 22:  # the last stays granted, the rest end
+            broker.release(ALICE, lease["id"])
+        granted.append(lease["id"])
+    broker.grant(BOB, SliceRequest(fraction=0.25), "b")
+    queued = broker.grant(ALICE, SliceRequest(gpus=2), "q", wait_s=30)
+    assert queued["state"] == "queued"
+    for who, kw in [(ALICE, {}), (ALICE, {"state": "granted"}), (ALICE, {"session": "s1"}), (ADMIN, {}),
+                    (BOB, {}), (ALICE, {"state": "queued"}), (ALICE, {"state": "failed"})]:
+        before, pages = None, 0
+        while True:
+            want = broker.lease_page(who, before=before, limit=5, **kw)
+            got = json.loads(broker.lease_page_bytes(who, before=before, limit=5, **kw))
+            assert got == want
+            # The same types too (1/3 and timestamps read back as the same doubles).
+            assert [{k: type(v) for k, v in x.items() if k != "fraction"} for x in got["leases"]] == [
+                {k: type(v) for k, v in x.items() if k != "fraction"} for x in want["leases"]]
+            pages += 1
+            if got["next"] is None:
+                break
+            before = got["next"]
+        assert pages >= (5 if who is ALICE and not kw else 1)
+    assert json.loads(broker.lease_page_bytes(ALICE))["leases"][0]["id"] == queued["id"]
+    broker.release(ALICE, queued["id"])

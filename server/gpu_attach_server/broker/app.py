@@ -172,9 +172,10 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
         limit: int = Query(100, ge=1, le=1000),
     ):
         """The caller's leases (an admin's: everyone's), newest first, one page at a time. The page
-        is read and encoded on a worker thread, off the event loop that serves grants."""
+        is read on a worker thread, off the event loop that serves grants, and written as JSON by the
+        database itself (see Store.lease_page_json)."""
         body = await run_in_threadpool(
-            lambda: orjson.dumps(broker.lease_page(who, state, session, before, limit, raw=True)))
+            lambda: broker.lease_page_bytes(who, state, session, before, limit))
         return Response(body, media_type="application/json")
 
     @app.get("/v1/leases/{lease_id}", responses={

@@ -369,12 +369,11 @@ class Broker(WaitingRoom, Accounting):
 
     def lease_page(self, who: Principal, state: str | None = None, session: str | None = None,
                    before: str | None = None, limit: int = 100, user: str | None = None,
-                   queued: bool = True, raw: bool = False) -> dict:
+                   queued: bool = True) -> dict:
         """One page of the caller's leases (an admin's: everyone's, or ``user``'s), newest first.
 
         ``next`` is the cursor for the following page (pass it as ``before``), or None at the end.
         One statement per page, on a reader connection, so it never waits for or holds up a grant.
-        ``raw``: requests are left as stored JSON text for ``orjson.dumps`` (the HTTP listing).
         """
         owner = user if who.is_admin else who.name
         cursor = parse_cursor(before) if before else None
@@ -384,9 +383,24 @@ class Broker(WaitingRoom, Accounting):
             return {"leases": waiting[:limit], "next": None}
         with self.store.read() as conn:
             rows = self.store.lease_page(conn, owner, state, session, cursor, limit)
-        out = waiting + [_page_json(r, raw) for r in rows]
+        out = waiting + [_page_json(r) for r in rows]
         nxt = f"{rows[-1]['created_at']!r}_{rows[-1]['id']}" if len(rows) == limit else None
         return {"leases": out, "next": nxt}
+
+    def lease_page_bytes(self, who: Principal, state: str | None = None, session: str | None = None,
+                         before: str | None = None, limit: int = 100) -> bytes:
+        """:meth:`lease_page` as the JSON document the listing route sends, with each lease's JSON
+        written by the database (``Store.lease_page_json``), not parsed and encoded again here."""
+        owner = None if who.is_admin else who.name
+        cursor = parse_cursor(before) if before else None
+        waiting = self.queued_of(owner, session) if before is None and state in (None, "queued") else []
+        if state == "queued":
+            return orjson.dumps({"leases": waiting[:limit], "next": None})
+        with self.store.read() as conn:
+            texts, last = self.store.lease_page_json(conn, owner, state, session, cursor, limit)
+        nxt = f"{last[0]!r}_{last[1]}" if last is not None and len(texts) == limit else None
+        items = [orjson.dumps(w).decode() for w in waiting] + texts
+        return ('{"leases":[' + ",".join(items) + '],"next":' + orjson.dumps(nxt).decode() + "}").encode()
 
     def pool(self) -> dict:
         """Every GPU with its free and used share, and each agent's state."""
@@ -456,11 +470,11 @@ def parse_cursor(text: str) -> tuple[float, str]:
         raise BrokerError(f"cursor {text!r} is not one this broker gave out: pass a page's 'next' unchanged") from None
 
 
-def _page_json(r: dict, raw: bool = False) -> dict:
-    """A listed lease. ``raw``: the stored request JSON is spliced in unparsed (for orjson)."""
+def _page_json(r: dict) -> dict:
+    """A listed lease (``Store.lease_page_json`` writes the same fields in SQL)."""
     return {
         "id": r["id"], "state": r["state"], "user": r["user"], "session": r["session"],
-        "request": orjson.Fragment(r["request"]) if raw else json.loads(r["request"]), "agent_id": r["agent_id"], "gpus": r["gpus"],
+        "request": json.loads(r["request"]), "agent_id": r["agent_id"], "gpus": r["gpus"],
         "memory_per_gpu": r["memory_per_gpu"], "fraction": r["fraction"], "granted_at": r["granted_at"],
         "expires_at": r["expires_at"], "ended_at": r["ended_at"], "end_reason": r["end_reason"],
         "label": r["label"],
