@@ -59,7 +59,8 @@ class RemoteNamespace:
         if lost:
             raise RemoteStateLost(
                 f"{', '.join(lost)} lived only in {self.lost[lost[0]]}, which has ended since (idle too long, its "
-                "agent restarted, or the cell ran on another GPU). Re-run the cells that made them.")
+                "agent restarted, or the cell ran on another host, or on other GPUs once a GPU library was loaded "
+                "there). Re-run the cells that made them.")
         present = {n: namespace[n] for n in reads if n in namespace}
         plain, modules = wire.split_modules(present)
         hashes, failures = wire.fingerprints(plain, namespace)

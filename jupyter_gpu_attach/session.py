@@ -239,7 +239,8 @@ class GPUSession:
                 self.remote.remote_only.pop(n, None)
             return RemoteStateLost(
                 f"{message} lived only in this session's sandbox, which has ended since (idle too long, its agent "
-                f"restarted, or this cell ran on another GPU than {where}'s). Re-run the cells that made them.")
+                f"restarted, or this cell ran on another host than {where}, or on other GPUs once a GPU library was "
+                "loaded there). Re-run the cells that made them.")
         if etype == "gpu_attach.EnvironmentMismatch":
             return EnvironmentMismatch(f"{where}: {message}")
         if etype in ("gpu_attach.InputError", "gpu_attach.ProtocolError"):

@@ -114,12 +114,18 @@ class _WatchedCell:
 
 @dataclass
 class SandboxHandle:
-    key: tuple
+    key: tuple  # (user, session): a session keeps its sandbox whichever GPUs its cells get
     proc: subprocess.Popen
     ctl: socket.socket
     workdir: str
     cgroup: Cgroup | None = None
     uid: int | None = None
+    devices: tuple = ()  # the devices it is pinned to now (CUDA_VISIBLE_DEVICES)
+    simulated: bool = False
+    # Whether a GPU library was imported (so CUDA may have bound the process to its devices):
+    # said by the sandbox itself after a cell, and only used to decide whether a move to other
+    # devices may re-pin it or must replace it, never to enforce anything.
+    gpu_bound: bool = False
     running_lease: str | None = None
     running_since: float = 0.0
     cells: int = 0
@@ -388,6 +394,10 @@ class Agent:
                     if sandbox.cgroup is not None:
                         limit = min(limit, self._host_memory(claims))
                     cell = {"op": "cell", "claims": claims, "max_payload": limit}
+                    devices = tuple(claims["gpus"])
+                    if devices != sandbox.devices:  # re-pinned (_may_run_on allowed it)
+                        sandbox.devices = devices
+                        cell["env"] = {"CUDA_VISIBLE_DEVICES": self._visible(devices)}
                     socket.send_fds(sandbox.ctl, [json.dumps(cell).encode()],
                                     [conn.fileno()])
                     self._watch_cell(conn, sandbox, claims, confirmed)
@@ -588,10 +598,17 @@ class Agent:
     # -- sandboxes ------------------------------------------------------------------------------
 
     def _sandbox_for(self, claims: dict) -> SandboxHandle:
-        key = (claims["user"], claims["session"], tuple(claims["gpus"]))
+        """The session's sandbox, for a cell on ``claims``' devices.
+
+        A session keeps one sandbox, and so its namespace, whichever GPUs the broker gives each
+        cell: on a shared pool the next cell rarely lands on the last one's GPU. A sandbox that
+        has not loaded a GPU library is re-pinned to the new devices as the cell starts (CUDA
+        reads CUDA_VISIBLE_DEVICES when it first starts); one that has, may hold a CUDA context
+        on its old devices, so it is replaced, and the kernel sends the namespace again."""
+        key = (claims["user"], claims["session"])
         with self._lock:
             s = self._sandboxes.get(key)
-            if s is not None and _alive(s):
+            if s is not None and _alive(s) and self._may_run_on(s, claims):
                 return s
             starting = self._starting.setdefault(key, threading.Lock())
         # Claiming a sandbox takes milliseconds (a fresh one, far longer): hold only this
@@ -599,9 +616,12 @@ class Agent:
         with starting:
             with self._lock:
                 s = self._sandboxes.get(key)
-                if s is not None and _alive(s):
+                if s is not None and _alive(s) and self._may_run_on(s, claims):
                     return s
-            if s is not None:  # died (evicted, killed, out of memory) since its last cell
+            if s is not None:
+                if _alive(s) and s.running_lease:
+                    raise GrantTokenError("a cell of this session is already running; wait for it to finish")
+                # died (evicted, killed, out of memory) since its last cell, or bound to other GPUs
                 self._kill(s)
             s = self._claim(key, claims)
             with self._lock:
@@ -627,7 +647,7 @@ class Agent:
             "op": "claim", "simulated": simulated, "workdir": workdir, "max_payload": max_payload,
             "input_cache_bytes": input_cache, "path_map": [list(p) for p in self.settings.path_map],
             # Real GPUs are pinned by UUID, which does not depend on device enumeration order.
-            "env": {"HOME": workdir, "CUDA_VISIBLE_DEVICES": "" if simulated else ",".join(d.uuid for d in devices),
+            "env": {"HOME": workdir, "CUDA_VISIBLE_DEVICES": self._visible(claims["gpus"]),
                     "GPU_ATTACH_SIMULATED": "1" if simulated else "0"},
         }
         if uid is not None:
@@ -654,11 +674,25 @@ class Agent:
             ctl.close()
             shutil.rmtree(workdir, ignore_errors=True)
             raise RuntimeError(f"the sandbox process did not start: {ready.get('error', 'it exited')}")
-        handle = SandboxHandle(key, proc, ctl, workdir, cgroup=cgroup, uid=uid)
+        handle = SandboxHandle(key, proc, ctl, workdir, cgroup=cgroup, uid=uid, devices=tuple(claims["gpus"]),
+                               simulated=simulated)
         threading.Thread(target=self._follow, args=(handle,), daemon=True).start()
-        log.info("sandbox pid %d for user %s session %s on devices %s%s", proc.pid, key[0], key[1], list(key[2]),
+        log.info("sandbox pid %d for user %s session %s on devices %s%s", proc.pid, key[0], key[1], list(claims["gpus"]),
                  " (simulated)" if simulated else "")
         return handle
+
+    def _visible(self, indexes) -> str:
+        """CUDA_VISIBLE_DEVICES for these devices: their UUIDs (independent of enumeration order);
+        empty for simulated ones, so a simulated sandbox never touches a real GPU."""
+        devices = [self.devices[i] for i in indexes]
+        return "" if all(d.simulated for d in devices) else ",".join(d.uuid for d in devices)
+
+    def _may_run_on(self, s: SandboxHandle, claims: dict) -> bool:
+        devices = tuple(claims["gpus"])
+        if devices == s.devices:
+            return True
+        simulated = all(self.devices[i].simulated for i in devices)
+        return simulated == s.simulated and (simulated or not s.gpu_bound)
 
     def _take_spare(self) -> tuple[subprocess.Popen, socket.socket, Cgroup | None]:
         """A started, not yet pinned sandbox process: the spare if one is waiting, else a new one.
@@ -755,6 +789,12 @@ class Agent:
                 msg = b""
             if not msg:
                 break
+            try:
+                said = json.loads(msg)
+            except ValueError:
+                continue
+            if isinstance(said, dict) and said.get("op") == "gpu_bound":
+                s.gpu_bound = True
         if s.cgroup is not None and s.cgroup.oom_kills():
             self._tell_out_of_memory(s)
         self._kill(s)

@@ -26,6 +26,8 @@ from jupyter_gpu_attach import wire
 
 #: Output is sent at most this often (a loop of prints becomes a few frames, not thousands).
 STREAM_INTERVAL_S = 0.05
+# Libraries that may start CUDA in this process (which then stays bound to the devices it saw).
+GPU_MODULES = ("cupy", "torch", "jax", "tensorflow", "numba.cuda", "pycuda", "cuda", "cudf", "rmm", "nvmath")
 #: Past this many bytes a second of stream output, the rest of that second is dropped and counted.
 STREAM_RATE_LIMIT = 2 * 1024 * 1024
 #: Past this many displays a second, the rest of that second are dropped and counted.
@@ -229,6 +231,8 @@ class Sandbox:
         self.ctl = ctl
         self.config = config
         self.instance = os.urandom(8).hex()  # the notebook notices a new sandbox (its state is gone)
+        # A simulated sandbox never binds to a GPU (its "cupy" is the simulated one).
+        self._gpu_bound = bool(config.get("simulated"))
         self.cells_run = 0
         self.recycler = wire.BufferRecycler()
         self.limits = wire.Limits(max_payload_bytes=int(config.get("max_payload", wire.MAX_PAYLOAD_BYTES)))
@@ -288,6 +292,8 @@ class Sandbox:
                 continue
             conn = socket.socket(fileno=fds[0])
             claims = request["claims"]
+            if isinstance(request.get("env"), dict):  # the session's cell moved to other devices
+                os.environ.update({str(k): str(v) for k, v in request["env"].items()})
             if isinstance(request.get("max_payload"), int):
                 self.limits.max_payload_bytes = request["max_payload"]
             try:
@@ -326,6 +332,9 @@ class Sandbox:
         del frame
         self.shell.park()
         self._after_cell()
+        if not self._gpu_bound and any(m in sys.modules for m in GPU_MODULES):
+            self._gpu_bound = True  # the agent moves this sandbox to other devices no more
+            self._report({"op": "gpu_bound"})
         cell.finished.set()
         reply.update(sandbox=self.instance, cells=self.cells_run)
         cell.send(reply, buffers)
