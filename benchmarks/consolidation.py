@@ -17,8 +17,15 @@ trace seconds (wall seconds times the speedup) and in wall seconds.
 Baseline, same trace: static assignment needs one GPU per notebook (no waits), and its GPUs are
 busy only for the cells' share of the time; the figures come from the very same cells.
 
+A second baseline, same trace: an ideal broker simulated in trace time, which grants in arrival
+order the instant a GPU is free and costs nothing per cell. Its waits are what this load
+(64 x 10 % = 6.4 GPUs of demand on 8 GPUs, 80 %, with cells that cannot be split) costs any
+first-come scheduler that does not know how long a cell will run; the broker's own share of the
+waits is the difference.
+
 Prints p50/p95 queue wait, the share of granted time that was busy (the sandbox's time in the
-cell over the lease's hold time), and notebooks served per GPU.
+cell over the lease's hold time), the per-cell overhead (held minus busy), and notebooks served
+per GPU.
 
 Usage: python benchmarks/consolidation.py [--notebooks 64] [--gpus 8] [--minutes 2] [--speedup 30]
 """
@@ -111,6 +118,48 @@ def notebook(url: str, token: str, i: int, args, stop_at: float, out: list, erro
         time.sleep(rng.expovariate(1 / think_mean))
 
 
+def ideal(args, horizon_s: float, gpus: int | None = None) -> dict:
+    """The same notebooks (same seeds, so the same cells and think times in the same order)
+    against a broker that grants first-come the instant a GPU is free, in trace seconds. As in
+    the real run, notebooks ask for no new cell after ``horizon_s``; what was asked still runs."""
+    import heapq
+    from collections import deque
+
+    mean_cell = MEDIAN_CELL_S * math.exp(SIGMA**2 / 2)
+    think_mean = mean_cell * (1 - args.duty) / args.duty
+    rngs = [random.Random(i) for i in range(args.notebooks)]
+    events = [(rngs[i].expovariate(1 / think_mean), "ask", i) for i in range(args.notebooks)]
+    heapq.heapify(events)
+    free, waiting, waits, busy = gpus or args.gpus, deque(), [], 0.0
+
+    def start(t, asked, i):
+        nonlocal busy
+        d = cell_seconds(rngs[i])
+        waits.append(t - asked)
+        busy += d
+        heapq.heappush(events, (t + d, "done", i))
+
+    while events:
+        t, kind, i = heapq.heappop(events)
+        if kind == "ask" and t > horizon_s:
+            continue
+        if kind == "ask":
+            if free:
+                free -= 1
+                start(t, t, i)
+            else:
+                waiting.append((t, i))
+        else:
+            heapq.heappush(events, (t + rngs[i].expovariate(1 / think_mean), "ask", i))
+            if waiting:
+                asked, j = waiting.popleft()
+                start(t, asked, j)
+            else:
+                free += 1
+    return {"cells": len(waits), "p50": pct(waits, 0.5), "p95": pct(waits, 0.95),
+            "waited": sum(1 for w in waits if w > 0) / len(waits) if waits else 0.0}
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(len(xs) * q))] if xs else float("nan")
@@ -158,7 +207,11 @@ def main() -> int:
                 p.kill()
         shutil.rmtree(state, ignore_errors=True)
 
+    best = ideal(args, args.minutes * 60 * args.speedup)
+    sweep = {g: ideal(args, args.minutes * 60 * args.speedup, g)["p95"] for g in range(args.gpus, 4 * args.gpus + 1)}
+    enough = next((g for g, p in sweep.items() if p <= 1.0), None)
     waits = [c["wait"] for c in cells]
+    overhead = [c["held"] - c["busy"] for c in cells]
     held = sum(c["held"] for c in cells)
     busy = sum(c["busy"] for c in cells)
     served = {}
@@ -174,6 +227,14 @@ def main() -> int:
     print(f"{'gpu-attach: leased per cell':34s} {args.gpus:5d} {p50 * args.speedup:7.1f} s trace {p95 * args.speedup:7.1f} s trace "
           f"{busy / held if held else 0:13.1%} {statistics.mean(len(v) for v in served.values()) if served else 0:14.1f}")
     print(f"{'':40s} ({p50:.2f} s wall)  ({p95:.2f} s wall)")
+    print(f"{'ideal broker, same trace (simulated)':34s} {args.gpus:5d} {best['p50']:7.1f} s trace {best['p95']:7.1f} s trace "
+          f"{1:13.1%} {'':>14s}   ({best['cells']} cells, {best['waited']:.0%} of them waited)")
+    print(f"ideal broker's p95 wait with more GPUs: " + ", ".join(
+        f"{g}: {sweep[g]:.0f} s" for g in sorted({args.gpus, args.gpus + 2, args.gpus + 4, args.gpus * 2} & set(sweep)))
+        + (f"; p95 <= 1 s needs {enough} GPUs ({args.notebooks * args.duty / enough:.0%} load)" if enough else ""))
+    print(f"per-cell overhead while granted (held - busy): p50 {pct(overhead, 0.5) * 1e3:.0f} ms, "
+          f"p95 {pct(overhead, 0.95) * 1e3:.0f} ms wall; cells {statistics.median(c['asked'] for c in cells):.2f} s "
+          f"median wall" if cells else "no cells ran")
     print("(busy = the sandbox's time in the cell; granted = lease held, grant to release; "
           f"target p95 wait <= 1 s, >= 95 % busy)")
     for e in errors[:5]:
