@@ -341,3 +341,19 @@ def test_drained_gpu_takes_no_new_grants_but_keeps_its_leases(make):
     assert ask(b, "carol", fraction=0.25)["state"] == "queued"
     admin.drain("admin", "agent", "h1", "", False)  # undrain: the queue moves at once
     assert b.queue_view()["entries"] == []
+
+
+def test_a_database_made_before_borrowing_gets_the_column(tmp_path):
+    """An existing site's database (quotas without the borrow column) is upgraded at start."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE quotas (kind VARCHAR(8) NOT NULL, subject VARCHAR(128) NOT NULL, max_share FLOAT, "
+               "max_memory BIGINT, max_lease_s FLOAT, updated_at FLOAT NOT NULL, PRIMARY KEY (kind, subject))")
+    db.execute("INSERT INTO quotas VALUES ('user', 'alice', 1.0, NULL, NULL, 0)")
+    db.commit()
+    db.close()
+    b = Broker(Store(make_engine(str(path))), GrantSigner.generate(), BrokerSettings())
+    assert b.policy.quotas[("user", "alice")].borrow is False
+    assert b.policy.quotas[("user", "alice")].max_share == 1.0
