@@ -175,6 +175,11 @@ class GPUSession:
                     gpu = lease["gpus"][0]["id"]
                     relay.stream("stderr", f"gpu-attach: {gpu} is a SIMULATED device (no NVIDIA GPU on its host): "
                                  "this cell runs on the CPU, and `import cupy` gives a NumPy stand-in.\n")
+                if lease.get("borrowed"):
+                    b = lease["borrowed"]
+                    relay.stream("stderr", f"gpu-attach: this cell runs on idle capacity borrowed above your "
+                                 f"{b.get('resource', '')} quota; if another user starts waiting it is stopped "
+                                 "within one lease TTL.\n")
                 if size >= LARGE_TRANSFER_BYTES:  # seconds of transfer: say so rather than look stuck
                     relay.stream("stderr", f"gpu-attach: sending {format_size(size)} of inputs to "
                                  f"{lease['gpus'][0]['id']} ...\n")

@@ -85,12 +85,12 @@ def _request(args) -> tuple[str, str, dict | None, dict | None, Any]:
     if c == "groups":
         return "GET", "/v1/admin/groups", None, None, ["name", "members", "quota"]
     if c == "quota":
-        cols = ["kind", "subject", "max_share", "max_memory", "max_lease_s"]
+        cols = ["kind", "subject", "max_share", "max_memory", "max_lease_s", "borrow"]
         if args.action == "list":
             return "GET", "/v1/admin/quotas", None, None, cols
         if args.action == "set":
             body = {"max_share": args.share, "max_memory": parse_size(args.memory) if args.memory else None,
-                    "max_lease_s": args.max_lease}
+                    "max_lease_s": args.max_lease, "borrow": args.borrow}
             return "PUT", f"/v1/admin/quotas/{args.kind}/{args.subject}", body, None, cols
         return "DELETE", f"/v1/admin/quotas/{args.kind}/{args.subject}", None, None, ["kind", "subject", "deleted"]
     if c == "token":
@@ -181,6 +181,9 @@ def add_parser(sub) -> None:
     q_set.add_argument("--share", type=float, help="GPUs' worth held at once (0.5 = half a GPU)")
     q_set.add_argument("--memory", help="memory held at once, e.g. 40GiB")
     q_set.add_argument("--max-lease", type=float, help="seconds a lease may last before it is revoked")
+    q_set.add_argument("--borrow", action="store_true",
+                       help="may go over --share/--memory while GPUs are idle; such a lease is not renewed once "
+                            "another request waits")
     q_del = qs.add_parser("delete")
     q_del.add_argument("kind", choices=["user", "group"])
     q_del.add_argument("subject")

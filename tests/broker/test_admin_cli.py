@@ -46,6 +46,9 @@ def test_every_admin_command(site):
     out = admin(site, "quota", "set", "group", "lab", "--share", "1.5", "--memory", "20GiB", "--max-lease", "3600")
     assert out.returncode == 0 and "20 GiB" in out.stdout
     assert json.loads(admin(site, "--json", "quota", "list").stdout)[0]["max_share"] == 1.5
+    assert json.loads(admin(site, "--json", "quota", "list").stdout)[0]["borrow"] is False
+    assert admin(site, "quota", "set", "group", "lab", "--share", "1.5", "--borrow").returncode == 0
+    assert json.loads(admin(site, "--json", "quota", "list").stdout)[0]["borrow"] is True
     assert admin(site, "quota", "delete", "group", "lab").returncode == 0
     made = json.loads(admin(site, "--json", "token", "create", "erin", "--label", "ci").stdout)
     assert made["user"] == "erin" and len(made["token"]) > 30

@@ -149,6 +149,13 @@ def test_quota_refusal_over_http(site):
         body = r.json()
         assert body["reason"] == "over_quota" and body["asked"] == 0.2 and body["in_use"] == 0.4 and body["limit"] == 0.5
         assert admin.put("/v1/admin/quotas/user/bob", json={"max_share": -1}).status_code == 422
+        # With borrow, the same request is granted on idle capacity, and says so.
+        r = admin.put("/v1/admin/quotas/user/bob", json={"max_share": 0.5, "borrow": True})
+        assert r.status_code == 200 and r.json()["borrow"] is True
+        r = bob.post("/v1/leases", json={"session": "s", "fraction": 0.2})
+        assert r.status_code == 201 and r.json()["borrowed"]["limit"] == 0.5
+        bob.delete(f"/v1/leases/{r.json()['id']}")
+        assert admin.put("/v1/admin/quotas/user/bob", json={"borrow": "sometimes"}).status_code == 422
         assert admin.delete("/v1/admin/quotas/user/bob").status_code == 200
         assert admin.delete("/v1/admin/quotas/user/bob").status_code == 404
         bob.delete(f"/v1/leases/{held['id']}")

@@ -267,6 +267,53 @@ def test_memory_and_group_quotas(make):
     assert ask(b, "bob", memory=10 * GiB, wait=0)["state"] == "granted"
 
 
+def test_a_quota_that_borrows_takes_idle_capacity_and_gives_it_back_when_someone_waits(make):
+    """Borrowing: above its quota, alice may use GPUs nobody else wants, and only for as long as
+    nobody waits: her borrowed lease is not renewed once bob queues, and bob gets the GPU."""
+    b, admin = make(hosts=(("h1", 3),))
+    admin.set_quota("admin", "user", "alice", 1.0, None, None, borrow=True)
+    own = ask(b, "alice", wait=0)
+    assert own["state"] == "granted" and "borrowed" not in own  # within the quota
+    extra = ask(b, "alice", wait=0)  # above it, on an idle GPU
+    assert extra["state"] == "granted"
+    assert extra["borrowed"]["asked"] == 1.0 and extra["borrowed"]["in_use"] == 1.0
+    assert extra["borrowed"]["limit"] == 1.0 and extra["borrowed"]["quota"]["borrow"] is True
+    # While nobody waits, the borrowed lease renews like any other.
+    assert b.renew(who("alice"), extra["id"])["state"] == "granted"
+    ask(b, "carol", wait=0)  # the last idle GPU
+    # Alice's own request waiting (for her own usage to drop) takes nothing back from her.
+    mine = ask(b, "alice")
+    assert mine["state"] == "queued"
+    assert b.renew(who("alice"), extra["id"])["state"] == "granted"
+    b.release(who("alice"), mine["id"])
+    waiting = ask(b, "bob")
+    assert waiting["state"] == "queued"
+    # Bob waits, so alice's borrowed lease is not renewed: revoked, with the reason, and bob is granted.
+    assert b.renew(who("alice"), own["id"])["state"] == "granted"  # her own share is hers
+    with pytest.raises(Conflict) as e:
+        b.renew(who("alice"), extra["id"])
+    assert e.value.extra["state"] == "revoked"
+    got = b.get(who("alice"), extra["id"])
+    assert got["state"] == "revoked" and "borrowed above the share quota of user 'alice'" in got["end_reason"]
+    assert "1 request(s) now wait" in got["end_reason"]
+    assert b.get(who("bob"), waiting["id"])["state"] == "granted"
+
+
+def test_a_quota_without_borrow_never_lends(make):
+    b, admin = make(hosts=(("h1", 3),))
+    admin.set_quota("admin", "user", "alice", 1.0, None, None)
+    ask(b, "alice", wait=0)
+    with pytest.raises(OverQuota):
+        ask(b, "alice", wait=0)  # two GPUs idle, but this quota does not borrow
+    # A group quota that does not borrow still binds a user whose own quota does.
+    admin.set_user("admin", "alice", "lab", 0)
+    admin.set_quota("admin", "user", "alice", 1.0, None, None, borrow=True)
+    admin.set_quota("admin", "group", "lab", 1.0, None, None)
+    with pytest.raises(OverQuota) as e:
+        ask(b, "alice", wait=0)
+    assert e.value.extra["quota"]["kind"] == "user"  # the first quota broken is named
+
+
 def test_max_lease_duration_revokes_the_lease(make):
     b, admin = make(lease_ttl_s=30.0)
     admin.set_quota("admin", "user", "alice", None, None, 0.3)
@@ -294,3 +341,19 @@ def test_drained_gpu_takes_no_new_grants_but_keeps_its_leases(make):
     assert ask(b, "carol", fraction=0.25)["state"] == "queued"
     admin.drain("admin", "agent", "h1", "", False)  # undrain: the queue moves at once
     assert b.queue_view()["entries"] == []
+
+
+def test_a_database_made_before_borrowing_gets_the_column(tmp_path):
+    """An existing site's database (quotas without the borrow column) is upgraded at start."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE quotas (kind VARCHAR(8) NOT NULL, subject VARCHAR(128) NOT NULL, max_share FLOAT, "
+               "max_memory BIGINT, max_lease_s FLOAT, updated_at FLOAT NOT NULL, PRIMARY KEY (kind, subject))")
+    db.execute("INSERT INTO quotas VALUES ('user', 'alice', 1.0, NULL, NULL, 0)")
+    db.commit()
+    db.close()
+    b = Broker(Store(make_engine(str(path))), GrantSigner.generate(), BrokerSettings())
+    assert b.policy.quotas[("user", "alice")].borrow is False
+    assert b.policy.quotas[("user", "alice")].max_share == 1.0

@@ -58,6 +58,7 @@ class Accounting:
     def _ended(self, row, state: str, t: float) -> None:
         """Account for a granted lease that just ended: fair-share usage, the hold-time estimate."""
         self._ends_by.pop(row.id, None)
+        self._borrowed.pop(row.id, None)
         held = max(t - row.granted_at, 0.0)
         gpus_n = json.loads(row.request).get("gpus") or 1
         group = self.policy.group_of(row.user) or ""

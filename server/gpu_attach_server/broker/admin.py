@@ -164,8 +164,10 @@ class SiteAdmin:
     def quotas(self) -> list[dict]:
         return [q.to_json() for _, q in sorted(self.broker.policy.quotas.items())]
 
-    def set_quota(self, actor: str, kind: str, subject: str, max_share, max_memory, max_lease_s) -> dict:
-        values = dict(max_share=max_share, max_memory=max_memory, max_lease_s=max_lease_s, updated_at=now())
+    def set_quota(self, actor: str, kind: str, subject: str, max_share, max_memory, max_lease_s,
+                  borrow: bool = False) -> dict:
+        values = dict(max_share=max_share, max_memory=max_memory, max_lease_s=max_lease_s, borrow=bool(borrow),
+                      updated_at=now())
         with self.store.write() as conn:
             key = and_(quotas.c.kind == kind, quotas.c.subject == subject)
             if conn.execute(select(quotas.c.kind).where(key)).first():

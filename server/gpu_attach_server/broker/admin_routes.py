@@ -52,6 +52,9 @@ class QuotaIn(_In):
     max_share: Optional[float] = Field(None, ge=0, le=4096, description="GPUs' worth held at once (0.5 = half a GPU)")
     max_memory: Optional[int] = Field(None, ge=0, le=MAX_BYTES, description="bytes held at once, over all GPUs")
     max_lease_s: Optional[float] = Field(None, gt=0, le=30 * 86400, description="a lease is revoked this long after its grant")
+    borrow: bool = Field(False, description=(
+        "may go over max_share and max_memory while capacity is idle (nobody waits); such a lease "
+        "is not renewed once a request waits, so its cell stops within one TTL"))
 
 
 class TokenIn(_In):
@@ -149,6 +152,7 @@ class QuotaOut(_Out):
     max_share: Optional[float]
     max_memory: Optional[int]
     max_lease_s: Optional[float]
+    borrow: bool
 
 
 class Deleted(_Out):
@@ -270,7 +274,7 @@ def admin_router(broker: Broker, tokens: TokenBook, who: Callable[[Request], Pri
     @r.put("/quotas/{kind}/{subject}", response_model=QuotaOut, responses=E(422))
     async def set_quota(kind: Literal["user", "group"], subject: UserName, body: QuotaIn,
                         who: Principal = Depends(admin)):
-        return site.set_quota(who.name, kind, subject, body.max_share, body.max_memory, body.max_lease_s)
+        return site.set_quota(who.name, kind, subject, body.max_share, body.max_memory, body.max_lease_s, body.borrow)
 
     @r.delete("/quotas/{kind}/{subject}", response_model=Deleted, responses=E(404, 422))
     async def delete_quota(kind: Literal["user", "group"], subject: UserName, who: Principal = Depends(admin)):

@@ -22,7 +22,7 @@ from . import queue, scheduler
 from .accounting import Accounting, BrokerEvents
 from .auth import Principal
 from .errors import BrokerError, Conflict, Forbidden, NoCapacity, NotFound, OverQuota  # noqa: F401 (re-exported)
-from .quotas import Policy, asks, in_use
+from .quotas import Policy, Refusal, asks, in_use
 from .store import Store, agents, gpus, lease_gpus, leases, now
 from .waiting import WaitingRoom
 
@@ -64,6 +64,9 @@ class Broker(WaitingRoom, Accounting):
         self._concurrent = 0  # granted leases at the last dispatch, for the wait estimate
         self._mean_hold_s = self.settings.lease_ttl_s
         self._ends_by: dict[str, float] = {}  # lease id -> when its max duration runs out
+        # Leases granted above their quota on idle capacity (a quota with borrow): lease id ->
+        # the refusal they would have had. Reclaimed at renewal once a request waits.
+        self._borrowed: dict[str, Refusal] = {}
         self._busy: dict[str, float] = defaultdict(float)  # lease id -> cell seconds not yet stored
         self._last_beat: dict[str, float] = {}
         self.running: dict[str, frozenset[str]] = {}  # agent id -> leases whose cell ran at its last beat
@@ -222,12 +225,23 @@ class Broker(WaitingRoom, Accounting):
                     raise NoCapacity(f"{e} while GPUs are drained by an admin; wait, or ask them to undrain",
                                      never=False) from None
                 raise NoCapacity(str(e), e.never) from None
+            borrowed = None
             if self.policy.quotas:
-                refusal = self.policy.check(user, *asks(request, placement), in_use(allocs))
+                ask, held = asks(request, placement), in_use(allocs)
+                refusal = self.policy.check(user, *ask, held)
                 if refusal:
-                    self.events.refused("over_quota")
-                    raise OverQuota(refusal)
-            return self._record(conn, up, user, session, label, request, placement, t, "L" + secrets.token_hex(6))
+                    # Over a quota that may borrow: granted while the capacity is idle (this
+                    # path runs only while nobody waits), and reclaimed once somebody does.
+                    if not refusal.quota.borrow or self.policy.check(user, *ask, held, borrowing=True):
+                        self.events.refused("over_quota")
+                        raise OverQuota(refusal)
+                    borrowed = refusal
+            lease_id = "L" + secrets.token_hex(6)
+            record = self._record(conn, up, user, session, label, request, placement, t, lease_id)
+            if borrowed is not None:
+                self._borrowed[lease_id] = borrowed
+                record["borrowed"] = borrowed
+            return record
 
     def _record(self, conn, up, user, session, label, request, placement, t, lease_id) -> dict:
         """Insert a granted lease (inside the caller's grant transaction); what signing it needs."""
@@ -261,7 +275,7 @@ class Broker(WaitingRoom, Accounting):
             "gpus": devices, "memory_per_gpu": memory, "fraction": placement.fraction_per_gpu,
             "simulated": all(d["simulated"] for d in devices),
             "granted_at": rec["granted_at"], "expires_at": rec["expires_at"], "ttl_s": self.settings.lease_ttl_s,
-            "token": token,
+            "token": token, **({"borrowed": _borrow_note(rec["borrowed"])} if rec.get("borrowed") else {}),
         }
 
     def _fits_undrained(self, conn, request: SliceRequest) -> bool:
@@ -286,6 +300,8 @@ class Broker(WaitingRoom, Accounting):
         t = now()
         expires = t + self.settings.lease_ttl_s
         revoked = None
+        # Read before the store's lock (the queue's lock is taken before it everywhere else).
+        waiting = self.queued_count(besides=who.name) if lease_id in self._borrowed else 0
         with self.store.write() as conn:
             row = self._owned(conn, who, lease_id)
             bound = self._ends_by.get(lease_id)
@@ -293,6 +309,9 @@ class Broker(WaitingRoom, Accounting):
                 bound = row.granted_at + self.policy.max_lease_s(row.user)
             if bound is not None and row.state == "granted" and t >= bound:
                 revoked = self._max_duration_reason(row.user, bound - row.granted_at)
+                self.store.end_lease(conn, lease_id, "revoked", revoked, t)
+            elif row.state == "granted" and waiting and lease_id in self._borrowed:
+                revoked = self._reclaim_reason(self._borrowed[lease_id], waiting)
                 self.store.end_lease(conn, lease_id, "revoked", revoked, t)
             if bound is not None:
                 expires = min(expires, bound)
@@ -318,6 +337,12 @@ class Broker(WaitingRoom, Accounting):
             raise Conflict(f"lease {lease_id} expired before it was renewed; request a new one", state="expired")
         token = self._sign(lease_id, row.user, row.session, row.agent_id, devices, memory, expires)
         return {"id": lease_id, "state": "granted", "expires_at": expires, "token": token}
+
+    @staticmethod
+    def _reclaim_reason(refusal: Refusal, waiting: int) -> str:
+        q = refusal.quota
+        return (f"it ran on idle capacity borrowed above the {refusal.resource} quota of {q.kind} {q.subject!r}, "
+                f"and {waiting} request(s) now wait for capacity; run long cells within the quota")
 
     @staticmethod
     def _max_duration_reason(user: str, limit_s: float) -> str:
@@ -479,6 +504,12 @@ def _page_json(r: dict) -> dict:
         "expires_at": r["expires_at"], "ended_at": r["ended_at"], "end_reason": r["end_reason"],
         "label": r["label"],
     }
+
+
+def _borrow_note(refusal: Refusal) -> dict:
+    """What a borrowed grant says of itself: the quota it is above, and the numbers."""
+    return {**refusal.to_json(), "note": "granted above the quota on idle capacity; the lease is not renewed "
+                                         "once another request waits, so a long cell may be stopped"}
 
 
 def _device_json(r: dict) -> dict:

@@ -24,10 +24,11 @@ class Quota:
     max_share: float | None = None
     max_memory: int | None = None
     max_lease_s: float | None = None
+    borrow: bool = False  # may go over max_share/max_memory while capacity is idle
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "subject": self.subject, "max_share": self.max_share,
-                "max_memory": self.max_memory, "max_lease_s": self.max_lease_s}
+                "max_memory": self.max_memory, "max_lease_s": self.max_lease_s, "borrow": self.borrow}
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ class Policy:
     def load(cls, conn) -> "Policy":
         return cls(
             users={r.name: (r.group, r.priority) for r in conn.execute(select(users))},
-            quotas={(r.kind, r.subject): Quota(r.kind, r.subject, r.max_share, r.max_memory, r.max_lease_s)
+            quotas={(r.kind, r.subject): Quota(r.kind, r.subject, r.max_share, r.max_memory, r.max_lease_s,
+                                               bool(r.borrow))
                     for r in conn.execute(select(quotas))},
             drained=frozenset(r.target for r in conn.execute(select(drains.c.target))),
         )
@@ -93,10 +95,14 @@ class Policy:
         bounds = [q.max_lease_s for q in self.limits(user) if q.max_lease_s]
         return min(bounds) if bounds else None
 
-    def check(self, user: str, share: float, memory: int, in_use: dict[str, Usage]) -> Refusal | None:
+    def check(self, user: str, share: float, memory: int, in_use: dict[str, Usage],
+              borrowing: bool = False) -> Refusal | None:
         """The first quota of ``user`` (its own, then its group's) that asking for ``share`` and
-        ``memory`` more would break, given ``in_use`` per user; None if all hold."""
+        ``memory`` more would break, given ``in_use`` per user; None if all hold. ``borrowing``:
+        quotas that allow borrowing idle capacity do not count."""
         for q in self.limits(user):
+            if borrowing and q.borrow:
+                continue
             holders = {user} if q.kind == "user" else self.members(q.subject) | {user}
             used = Usage(sum(in_use[u].share for u in holders if u in in_use),
                          sum(in_use[u].memory for u in holders if u in in_use))

@@ -55,6 +55,9 @@ class Grant(_Doc):
     expires_at: float
     ttl_s: float
     token: str = Field(..., description="signed grant: present it to the agent")
+    borrowed: Optional[dict[str, Any]] = Field(None, description=(
+        "present when granted above a quota that may borrow idle capacity: the quota and the numbers "
+        "(as an over_quota refusal gives them); the lease is not renewed once another request waits"))
 
 
 class Queued(_Doc):

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Float, Integer, String, Table, Text
+from sqlalchemy import BigInteger, Boolean, Column, Float, Integer, String, Table, Text, false
 
 from .store import metadata
 
@@ -24,6 +24,9 @@ quotas = Table(
     Column("max_share", Float, nullable=True),  # GPUs held at once (0.5 = half of one GPU)
     Column("max_memory", BigInteger, nullable=True),  # bytes held at once, over all GPUs
     Column("max_lease_s", Float, nullable=True),  # a lease is revoked this long after its grant
+    # May go over the limits while capacity is idle; such a lease is reclaimed (not renewed) as
+    # soon as a request within its quota waits.
+    Column("borrow", Boolean, nullable=False, default=False, server_default=false()),
     Column("updated_at", Float, nullable=False),
 )
 

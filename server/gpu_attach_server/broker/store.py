@@ -142,6 +142,16 @@ class Store:
         metadata.create_all(engine)
         for index in LISTING_INDEXES:  # a database made before these indexes existed gets them now
             index.create(engine, checkfirst=True)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Columns added since a database was made: added to it, with their defaults."""
+        from sqlalchemy import inspect
+
+        have = {c["name"] for c in inspect(self.engine).get_columns("quotas")}
+        if "borrow" not in have:
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql("ALTER TABLE quotas ADD COLUMN borrow BOOLEAN NOT NULL DEFAULT FALSE")
 
     @contextmanager
     def write(self) -> Iterator[Connection]:

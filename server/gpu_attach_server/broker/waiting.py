@@ -114,6 +114,11 @@ class WaitingRoom:
                 self._settled.popitem(last=False)
         return ended
 
+    def queued_count(self, besides: str | None = None) -> int:
+        """Requests waiting in the queue now (``besides``: other users' only)."""
+        with self._qlock:
+            return sum(1 for w in self._waiters.values() if w.state == "queued" and w.user != besides)
+
     def _queued_json(self, w: queue.Waiter, t: float) -> dict:
         ranked = self._ranked(t)
         position = next(i for i, x in enumerate(ranked) if x.id == w.id) + 1
