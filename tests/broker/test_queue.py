@@ -354,6 +354,8 @@ def test_a_database_made_before_borrowing_gets_the_column(tmp_path):
     db.execute("INSERT INTO quotas VALUES ('user', 'alice', 1.0, NULL, NULL, 0)")
     db.commit()
     db.close()
-    b = Broker(Store(make_engine(str(path))), GrantSigner.generate(), BrokerSettings())
+    from gpu_attach_server.broker.store import make_engine as sqlite_file  # this file, also under test_postgres
+
+    b = Broker(Store(sqlite_file(str(path))), GrantSigner.generate(), BrokerSettings())
     assert b.policy.quotas[("user", "alice")].borrow is False
     assert b.policy.quotas[("user", "alice")].max_share == 1.0
