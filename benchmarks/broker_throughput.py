@@ -161,6 +161,7 @@ def main() -> int:
     ap.add_argument("--processes", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rate", type=float, default=TARGET_CYCLES, help="cycles/s offered in the paced runs")
+    ap.add_argument("--repeats", type=int, default=3, help="paced runs (the median p99 is reported)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     state = tempfile.mkdtemp(prefix="gpu-attach-bench-")
@@ -170,8 +171,13 @@ def main() -> int:
         base = measure(url, "healthz", n, p, sec, listing=True)
         ours = measure(url, "lease", n, p, sec, listing=True)
         quiet = measure(url, "lease", n, p, sec, listing=False)
-        base_paced = measure(url, "healthz", n, p, sec, listing=True, rate=args.rate)
-        paced = measure(url, "lease", n, p, sec, listing=True, rate=args.rate)
+        # This VM's tail latency swings run to run (the same build gave p99 7 ms and 500 ms
+        # minutes apart): the paced pair runs --repeats times and the median p99 is the figure.
+        pairs = [(measure(url, "healthz", n, p, sec, listing=True, rate=args.rate),
+                  measure(url, "lease", n, p, sec, listing=True, rate=args.rate)) for _ in range(args.repeats)]
+        order = sorted(range(len(pairs)), key=lambda i: pairs[i][1]["p99_ms"])
+        base_paced, paced = pairs[order[len(order) // 2]]
+        p99s = [pairs[i][1]["p99_ms"] for i in order]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
@@ -188,7 +194,8 @@ def main() -> int:
     row("  baseline: GET /healthz per cycle", base)
     row("  grant+release, a user listing leases", ours)
     row("  grant+release, nobody listing", quiet)
-    print(f"paced at {args.rate:g} cycles/s offered (open loop, latency from when due):")
+    print(f"paced at {args.rate:g} cycles/s offered (open loop, latency from when due), the median of "
+          f"{args.repeats} runs by p99 (grant p99 in each run: {', '.join(f'{x:.1f}' for x in p99s)} ms):")
     row("  baseline: GET /healthz per cycle", base_paced)
     row("  grant+release, a user listing leases", paced)
     ok = ours["cycles_per_s"] >= TARGET_CYCLES and paced["p99_ms"] <= TARGET_P99_MS
@@ -198,7 +205,7 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"baseline": base, "with_listing": ours, "without_listing": quiet, "baseline_paced": base_paced,
-                       "paced_with_listing": paced, "clients": args.clients}, f, indent=2)
+                       "paced_with_listing": paced, "paced_p99s_ms": p99s, "clients": args.clients}, f, indent=2)
     return 0
 
 

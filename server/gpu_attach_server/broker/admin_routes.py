@@ -10,10 +10,10 @@ from typing import Annotated, Any, Callable, Literal, Optional
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from .admin import SiteAdmin
 from .auth import Principal, TokenBook
+from .background import in_background
 from .core import LEASE_STATES, Broker
 from .models import MAX_BYTES
 from .schemas import errors
@@ -222,7 +222,7 @@ def admin_router(broker: Broker, tokens: TokenBook, who: Callable[[Request], Pri
                           state: Optional[str] = Query(None, pattern="^(" + "|".join(LEASE_STATES) + ")$"),
                           before: Optional[str] = Query(None, pattern=_CURSOR),
                           limit: int = Query(100, ge=1, le=1000)):
-        return await run_in_threadpool(site.leases, who, user, state, before, limit)
+        return await in_background(site.leases, who, user, state, before, limit)
 
     @r.get("/queue", response_model=QueueOut)
     async def queue():
@@ -300,10 +300,10 @@ def admin_router(broker: Broker, tokens: TokenBook, who: Callable[[Request], Pri
 
         end = until if until is not None else time.time()
         # A range that ends before it starts (or starts in the future) is empty: no rows.
-        return await run_in_threadpool(site.usage, since, max(end, since), by)
+        return await in_background(site.usage, since, max(end, since), by)
 
     @r.get("/audit", response_model=list[AuditRow], responses=E(422))
     async def audit_log(since: Optional[float] = Query(None, ge=0, le=1e11), limit: int = Query(100, ge=1, le=1000)):
-        return await run_in_threadpool(site.audit_log, since, limit)
+        return await in_background(site.audit_log, since, limit)
 
     return r

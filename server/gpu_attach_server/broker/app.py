@@ -19,10 +19,10 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.openapi.utils import get_openapi
-from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from . import agents, schemas
+from .background import in_background, lower_priority
 from .fast_path import FastPath, LeaseCalls, error_body
 from .auth import Principal, TokenBook
 from .core import LEASE_STATES, Broker, BrokerError
@@ -31,6 +31,7 @@ from .models import AgentRegistration, Heartbeat, LeaseRequest
 log = logging.getLogger("gpu_attach.broker")
 
 MAX_BODY_BYTES = 1024 * 1024
+CHECKPOINT_INTERVAL_S = 0.2
 LeaseId = Annotated[str, Path(pattern=r"^L[0-9a-f]{12}$")]
 CURSOR = r"^[0-9]{1,12}(\.[0-9]{1,20})?(e[+-]?[0-9]{1,3})?_L[0-9a-f]{12}$"
 #: The longest one long-poll holds a connection; clients poll again (the queue keeps their place).
@@ -81,14 +82,24 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
                 ended = broker.reap()
                 if any(ended.values()):
                     log.info("reaped %s", ended)
-                broker.store.checkpoint()
             except Exception:  # keep reaping; one failed pass must not stop expiry for good
                 log.exception("reaper pass failed")
+
+    def checkpointer():
+        # Copies the WAL back into the database often enough to keep up with a busy site (a
+        # grant+release appends ~18 KiB), at the lowest CPU priority, off the request path.
+        lower_priority()
+        while not stop.wait(CHECKPOINT_INTERVAL_S):
+            try:
+                broker.store.checkpoint()
+            except Exception:
+                log.exception("WAL checkpoint failed")
 
     @asynccontextmanager
     async def lifespan(app):
         t = threading.Thread(target=reaper, name="lease-reaper", daemon=True)
         t.start()
+        threading.Thread(target=checkpointer, name="wal-checkpoint", daemon=True).start()
         yield
         stop.set()
 
@@ -172,10 +183,9 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
         limit: int = Query(100, ge=1, le=1000),
     ):
         """The caller's leases (an admin's: everyone's), newest first, one page at a time. The page
-        is read on a worker thread, off the event loop that serves grants, and written as JSON by the
-        database itself (see Store.lease_page_json)."""
-        body = await run_in_threadpool(
-            lambda: broker.lease_page_bytes(who, state, session, before, limit))
+        is read on a low-priority thread (background.py), off the event loop that serves grants,
+        and written as JSON by the database itself (see Store.lease_page_json)."""
+        body = await in_background(broker.lease_page_bytes, who, state, session, before, limit)
         return Response(body, media_type="application/json")
 
     @app.get("/v1/leases/{lease_id}", responses={

@@ -108,6 +108,10 @@ def make_engine(url_or_path: str) -> Engine:
         def _sqlite_connect(dbapi_conn, _record):
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
             cur = dbapi_conn.cursor()
+            # A grant and a release change ~18 pages (the lease, its GPUs, their indexes), each
+            # appended whole to the WAL: 1 KiB pages write a quarter of what 4 KiB ones do, and
+            # the checkpoint keeps up. Only takes effect on a new database.
+            cur.execute("PRAGMA page_size=1024")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             # A checkpoint fsyncs the database file: 10-20 ms that would land on whichever grant
