@@ -32,9 +32,9 @@ class Lease:
     """A slice request for calls from Python; each :meth:`run` leases, calls, returns and releases."""
 
     def __init__(self, *, memory: str | int | None = None, fraction: float | None = None, gpus: int | None = None,
-                 pool: str | None = None, timeout: float | None = None, session=None):
+                 pool: str | None = None, timeout: float | None = None, session=None, mig: str | None = None):
         # Bad options fail here, before anything starts, with the same messages as the magic's.
-        self.request = SliceRequest.from_options(gpus, fraction, memory, pool)
+        self.request = SliceRequest.from_options(gpus, fraction, memory, pool, mig)
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout:g}")
         self.timeout = timeout
@@ -82,15 +82,16 @@ class Lease:
 
 
 def lease(*, memory: str | int | None = None, fraction: float | None = None, gpus: int | None = None,
-          pool: str | None = None, timeout: float | None = None) -> Lease:
+          pool: str | None = None, timeout: float | None = None, mig: str | None = None) -> Lease:
     """``with lease(memory="4GiB") as g: g.run(fn, *args)``: calls on a GPU slice, leased per call."""
-    return Lease(memory=memory, fraction=fraction, gpus=gpus, pool=pool, timeout=timeout)
+    return Lease(memory=memory, fraction=fraction, gpus=gpus, pool=pool, timeout=timeout, mig=mig)
 
 
 def remote(fn: Callable | None = None, *, memory: str | int | None = None, fraction: float | None = None,
-           gpus: int | None = None, pool: str | None = None, timeout: float | None = None):
+           gpus: int | None = None, pool: str | None = None, timeout: float | None = None,
+           mig: str | None = None):
     """Decorator: each call of the function runs on a leased GPU slice. ``f.local`` is the plain function."""
-    request = Lease(memory=memory, fraction=fraction, gpus=gpus, pool=pool, timeout=timeout)
+    request = Lease(memory=memory, fraction=fraction, gpus=gpus, pool=pool, timeout=timeout, mig=mig)
 
     def wrap(f: Callable) -> Callable:
         @functools.wraps(f)

@@ -14,12 +14,12 @@ from .relay import IPythonRelay
 from .slices import SliceRequest, format_size
 
 USAGE = """\
-%%gpu [--memory SIZE | --fraction F | --gpus N] [--pool LABEL] [--timeout S] [--wait S]
+%%gpu [--memory SIZE | --fraction F | --gpus N | --mig PROFILE] [--pool LABEL] [--timeout S] [--wait S]
     Run this cell on a GPU slice leased for exactly as long as the cell runs. The names the cell
     reads are sent (only what changed since the sandbox last saw it); the names it binds, creates,
     deletes or changes in place come back; output, displays and plots stream into the cell live.
 
-%gpu attach [--memory SIZE | --fraction F | --gpus N] [--pool LABEL]
+%gpu attach [--memory SIZE | --fraction F | --gpus N | --mig PROFILE] [--pool LABEL]
     Set this notebook's default request, start its sandbox and check that its Python and
     libraries can exchange values with this kernel's.
 %gpu status     session, broker, default request, what stays in the sandbox, the last cell
@@ -31,6 +31,7 @@ Options:
   -m, --memory SIZE   GPU memory for the cell, e.g. 2GiB or 512MiB
   -f, --fraction F    a share of one GPU, in (0, 1]
   -g, --gpus N        whole GPUs, all on one host
+  --mig PROFILE       a whole MIG instance of this profile, e.g. 1g.10gb (on GPUs in MIG mode)
   --pool LABEL        only GPUs with this pool label
   -t, --timeout S     stop the cell after S seconds (%%gpu only)
   -w, --wait S        wait up to S seconds in the broker's queue when no GPU is free
@@ -59,6 +60,7 @@ def _parser(prog: str, cell: bool) -> _Parser:
     p.add_argument("-m", "--memory")
     p.add_argument("-f", "--fraction", type=float)
     p.add_argument("-g", "--gpus", type=int)
+    p.add_argument("--mig")
     p.add_argument("--pool")
     p.add_argument("-w", "--wait", type=float)
     if cell:
@@ -79,7 +81,7 @@ def _parse(parser: _Parser, line: str):
 
 def _request(args) -> SliceRequest:
     try:
-        return SliceRequest.from_options(args.gpus, args.fraction, args.memory, args.pool)
+        return SliceRequest.from_options(args.gpus, args.fraction, args.memory, args.pool, args.mig)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -30,6 +30,8 @@ _UNITS = {
     "tib": 1024**4,
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+#: A MIG profile as NVIDIA names them: compute slices, then memory ("1g.10gb", "3g.40gb", "1g.20gb+me").
+MIG_PROFILE = re.compile(r"^[1-8]g\.[0-9]{1,4}gb(\+me)?$")
 
 
 def parse_size(text: str | int) -> int:
@@ -65,20 +67,24 @@ def format_size(n: int) -> str:
 
 @dataclass(frozen=True)
 class SliceRequest:
-    """Exactly one of ``gpus``, ``fraction`` or ``memory`` (bytes); ``pool`` picks GPUs by label."""
+    """Exactly one of ``gpus``, ``fraction``, ``memory`` (bytes) or ``mig`` (a MIG instance of
+    that profile, on a GPU in MIG mode); ``pool`` picks GPUs by label."""
 
     gpus: int | None = None
     fraction: float | None = None
     memory: int | None = None
     pool: str | None = None
+    mig: str | None = None
 
     def __post_init__(self):
         for k in ("gpus", "fraction", "memory"):
             if isinstance(getattr(self, k), bool):
                 raise ValueError(f"--{k} must be a number, got {getattr(self, k)!r}")
-        given = [k for k in ("gpus", "fraction", "memory") if getattr(self, k) is not None]
+        given = [k for k in ("gpus", "fraction", "memory", "mig") if getattr(self, k) is not None]
         if len(given) > 1:
-            raise ValueError(f"ask for one of --gpus, --fraction or --memory, not {' and '.join('--' + g for g in given)}")
+            raise ValueError(f"ask for one of --gpus, --fraction, --memory or --mig, not {' and '.join('--' + g for g in given)}")
+        if self.mig is not None and not (isinstance(self.mig, str) and MIG_PROFILE.match(self.mig)):
+            raise ValueError(f"--mig must be a MIG profile such as 1g.10gb or 3g.40gb, got {self.mig!r}")
         if self.gpus is not None and not (isinstance(self.gpus, int) and 1 <= self.gpus <= 64):
             raise ValueError(f"--gpus must be a whole number from 1 to 64, got {self.gpus!r}")
         if self.fraction is not None and not (0 < self.fraction <= 1):
@@ -89,25 +95,27 @@ class SliceRequest:
             raise ValueError(f"--pool must be a label of letters, digits, '.', '_' or '-', got {self.pool!r}")
 
     @classmethod
-    def from_options(cls, gpus=None, fraction=None, memory=None, pool=None) -> "SliceRequest":
+    def from_options(cls, gpus=None, fraction=None, memory=None, pool=None, mig=None) -> "SliceRequest":
         """Build from user-facing options, where ``memory`` may be text like ``"2GiB"``."""
         return cls(
             gpus=int(gpus) if gpus is not None else None,
             fraction=float(fraction) if fraction is not None else None,
             memory=parse_size(memory) if memory is not None else None,
             pool=pool,
+            mig=mig.strip().lower() if isinstance(mig, str) else mig,
         )
 
     @property
     def is_default(self) -> bool:
-        return self.gpus is None and self.fraction is None and self.memory is None
+        return self.gpus is None and self.fraction is None and self.memory is None and self.mig is None
 
     def over(self, default: "SliceRequest") -> "SliceRequest":
         """This request where it says something, ``default`` where it does not (a cell that names
         only ``--pool`` keeps the notebook's size and changes the pool)."""
         if self.is_default:
-            return SliceRequest(default.gpus, default.fraction, default.memory, self.pool or default.pool)
-        return self if self.pool is not None else SliceRequest(self.gpus, self.fraction, self.memory, default.pool)
+            return SliceRequest(default.gpus, default.fraction, default.memory, self.pool or default.pool, default.mig)
+        return self if self.pool is not None else SliceRequest(self.gpus, self.fraction, self.memory, default.pool,
+                                                               self.mig)
 
     def or_default(self) -> "SliceRequest":
         """A request that names no size means one whole GPU."""
@@ -118,7 +126,9 @@ class SliceRequest:
 
     def describe(self) -> str:
         r = self.or_default()
-        if r.memory is not None:
+        if r.mig is not None:
+            what = f"a MIG {r.mig} instance"
+        elif r.memory is not None:
             what = f"{format_size(r.memory)} of one GPU"
         elif r.fraction is not None:
             what = f"{r.fraction:g} of one GPU"

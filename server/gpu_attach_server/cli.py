@@ -225,7 +225,18 @@ def run_agent(args) -> int:
     uid_map = None
     if args.uid_map:
         uid_map = {str(k): int(v) for k, v in json.loads(Path(args.uid_map).read_text()).items()}
-    devices, why = discover(args.simulate, parse_size(args.memory), args.pool)
+    from .agent.inventory import parse_mig_layout
+
+    try:
+        mig = parse_mig_layout(args.simulate_mig) if args.simulate_mig else None
+    except ValueError as e:
+        print(f"gpu-attach agent: --simulate-mig: {e}", file=sys.stderr)
+        return 2
+    if mig and not args.simulate:
+        print("gpu-attach agent: --simulate-mig needs --simulate N (real GPUs report their own MIG mode)",
+              file=sys.stderr)
+        return 2
+    devices, why = discover(args.simulate, parse_size(args.memory), args.pool, mig)
     if not args.simulate and all(d.simulated for d in devices):
         # Said at the default level: a GPU host that silently serves a CPU stand-in is a broken GPU host.
         print(f"gpu-attach agent: {why}", file=sys.stderr, flush=True)
@@ -507,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--advertise-host", help="host name kernels should use, if not --host")
     a.add_argument("--name", help="agent id (default: hostname plus a random suffix)")
     a.add_argument("--simulate", type=int, metavar="N", help="offer N SIMULATED devices that run cells on the CPU")
+    a.add_argument("--simulate-mig", metavar="LAYOUT",
+                   help="put each simulated device in MIG mode with these instances, e.g. 3g.40gb,2g.20gb,1g.10gb*2 "
+                        "(cells ask for one with %%%%gpu --mig 1g.10gb)")
     a.add_argument("--memory", default="16GiB", help="memory of each simulated device (default 16GiB)")
     a.add_argument("--pool", default="default", help="pool label of this host's GPUs")
     a.add_argument("--max-payload", default="64GiB", help="largest cell input a kernel may send")

@@ -343,8 +343,8 @@ def test_drained_gpu_takes_no_new_grants_but_keeps_its_leases(make):
     assert b.queue_view()["entries"] == []
 
 
-def test_a_database_made_before_borrowing_gets_the_column(tmp_path):
-    """An existing site's database (quotas without the borrow column) is upgraded at start."""
+def test_a_database_made_before_borrowing_and_mig_gets_the_columns(tmp_path):
+    """An existing site's database (quotas without borrow, gpus without mig) is upgraded at start."""
     import sqlite3
 
     path = tmp_path / "old.db"
@@ -352,6 +352,9 @@ def test_a_database_made_before_borrowing_gets_the_column(tmp_path):
     db.execute("CREATE TABLE quotas (kind VARCHAR(8) NOT NULL, subject VARCHAR(128) NOT NULL, max_share FLOAT, "
                "max_memory BIGINT, max_lease_s FLOAT, updated_at FLOAT NOT NULL, PRIMARY KEY (kind, subject))")
     db.execute("INSERT INTO quotas VALUES ('user', 'alice', 1.0, NULL, NULL, 0)")
+    db.execute("CREATE TABLE gpus (id VARCHAR(160) PRIMARY KEY, agent_id VARCHAR(128) NOT NULL, idx INTEGER NOT NULL, "
+               "uuid VARCHAR(128) NOT NULL, model VARCHAR(128) NOT NULL, memory BIGINT NOT NULL, "
+               "simulated BOOLEAN NOT NULL, pool VARCHAR(64) NOT NULL, present BOOLEAN NOT NULL)")
     db.commit()
     db.close()
     from gpu_attach_server.broker.store import make_engine as sqlite_file  # this file, also under test_postgres
@@ -359,3 +362,5 @@ def test_a_database_made_before_borrowing_gets_the_column(tmp_path):
     b = Broker(Store(sqlite_file(str(path))), GrantSigner.generate(), BrokerSettings())
     assert b.policy.quotas[("user", "alice")].borrow is False
     assert b.policy.quotas[("user", "alice")].max_share == 1.0
+    b.register_agent("h1", "127.0.0.1:9000", [dict(devices(1)[0], mig="1g.10gb", memory=10 * GiB)], "t")
+    assert b.grant(who("alice"), SliceRequest(mig="1g.10gb"), "nb")["gpus"][0]["mig"] == "1g.10gb"

@@ -232,3 +232,56 @@ def test_whole_gpus_respect_pool():
     with pytest.raises(NoFit) as e:
         place(SliceRequest(gpus=3, pool="x"), gs, [])
     assert e.value.never is True
+
+
+# -- MIG -----------------------------------------------------------------------------------------
+
+
+def mig_host(agent="h1", layout=("3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb")):
+    return [GPU(f"{agent}/{i}", agent, i, f"H100 MIG {p}", int(p.split(".")[1][:-2]) * GiB, False, mig=p)
+            for i, p in enumerate(layout)]
+
+
+def test_a_mig_request_gets_a_whole_instance_of_its_profile():
+    gpus = mig_host()
+    p = place(SliceRequest(mig="1g.10gb"), gpus, [])
+    assert p.gpus[0].id == "h1/2" and p.memory_per_gpu == 10 * GiB
+    assert p.fraction_per_gpu == pytest.approx(1 / 7)  # its share of the physical GPU
+    p = place(SliceRequest(mig="1g.10gb"), gpus, [Allocation("h1/2", 10 * GiB)])
+    assert p.gpus[0].id == "h1/3"
+    p = place(SliceRequest(mig="1g.10gb"), gpus, [], prefer_gpu_ids=frozenset({"h1/3"}))
+    assert p.gpus[0].id == "h1/3"  # the session's last instance, where its sandbox is
+    assert place(SliceRequest(mig="3g.40gb"), gpus, []).fraction_per_gpu == pytest.approx(3 / 7)
+
+
+def test_mig_instances_in_use_or_missing_are_told_apart():
+    gpus = mig_host()
+    with pytest.raises(NoFit) as e:
+        place(SliceRequest(mig="1g.10gb"), gpus, [Allocation("h1/2", 1), Allocation("h1/3", 10 * GiB)])
+    assert not e.value.never and "every MIG 1g.10gb instance is in use now (2 in all)" in str(e.value)
+    with pytest.raises(NoFit) as e:
+        place(SliceRequest(mig="7g.80gb"), gpus, [])
+    assert e.value.never and "MIG profiles up: 1g.10gb, 2g.20gb, 3g.40gb" in str(e.value)
+    with pytest.raises(NoFit) as e:
+        place(SliceRequest(mig="1g.10gb"), [GPU("h2/0", "h2", 0, "A100", 80 * GiB, False)], [])
+    assert e.value.never and "no GPU is in MIG mode" in str(e.value)
+
+
+def test_other_requests_never_land_on_mig_instances():
+    plain = GPU("h2/0", "h2", 0, "A100", 80 * GiB, False)
+    for request in (SliceRequest(fraction=0.1), SliceRequest(memory=5 * GiB), SliceRequest(gpus=1), SliceRequest()):
+        assert place(request, mig_host() + [plain], []).gpus[0].id == "h2/0"
+        with pytest.raises(NoFit) as e:
+            place(request, mig_host(), [])
+        assert e.value.never and "in MIG mode: ask for one of its instances with --mig" in str(e.value)
+
+
+def test_mig_profiles_are_checked_where_they_are_asked_for():
+    assert SliceRequest.from_options(mig=" 1G.10GB ").mig == "1g.10gb"
+    for bad in ("1g", "10gb", "9g.10gb", "1g.10gb;rm"):
+        with pytest.raises(ValueError, match="MIG profile"):
+            SliceRequest(mig=bad)
+    with pytest.raises(ValueError, match="not --gpus and --mig"):
+        SliceRequest(gpus=1, mig="1g.10gb")
+    assert SliceRequest(mig="2g.20gb").describe() == "a MIG 2g.20gb instance"
+    assert SliceRequest(mig="2g.20gb").to_json() == {"mig": "2g.20gb"}

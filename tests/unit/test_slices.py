@@ -130,7 +130,7 @@ def test_or_default_returns_explicit_request_unchanged(r):
 def test_only_one_of_gpus_fraction_memory(kwargs, named):
     with pytest.raises(ValueError) as e:
         SliceRequest(**kwargs)
-    assert "one of --gpus, --fraction or --memory" in str(e.value)
+    assert "one of --gpus, --fraction, --memory or --mig" in str(e.value)
     assert named in str(e.value)
 
 

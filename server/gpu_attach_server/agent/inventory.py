@@ -16,9 +16,13 @@ class Device:
     memory: int
     simulated: bool
     pool: str = "default"
+    mig: str | None = None  # a MIG instance's profile ("1g.10gb"); its uuid is the MIG-... one
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["mig"] is None:
+            del out["mig"]
+        return out
 
 
 class NoGPU(Exception):
@@ -35,20 +39,22 @@ def nvml_devices(pool: str = "default") -> list[Device]:
         pynvml.nvmlInit()
     except pynvml.NVMLError as e:
         raise NoGPU(f"NVML could not start ({e}); is the NVIDIA driver installed?") from e
+    text = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
     try:
-        devices = []
+        devices: list[Device] = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
-            uuid = pynvml.nvmlDeviceGetUUID(h)
-            devices.append(Device(
-                index=i,
-                uuid=uuid.decode() if isinstance(uuid, bytes) else uuid,
-                model=name.decode() if isinstance(name, bytes) else name,
-                memory=int(pynvml.nvmlDeviceGetMemoryInfo(h).total),
-                simulated=False,
-                pool=pool,
-            ))
+            name = text(pynvml.nvmlDeviceGetName(h))
+            instances = _mig_instances(pynvml, h)
+            if instances is None:
+                devices.append(Device(index=len(devices), uuid=text(pynvml.nvmlDeviceGetUUID(h)), model=name,
+                                      memory=int(pynvml.nvmlDeviceGetMemoryInfo(h).total), simulated=False, pool=pool))
+                continue
+            # A GPU in MIG mode is offered as its instances only (it cannot run as a whole).
+            for mh, profile in instances:
+                devices.append(Device(index=len(devices), uuid=text(pynvml.nvmlDeviceGetUUID(mh)),
+                                      model=f"{name} MIG {profile}", memory=int(pynvml.nvmlDeviceGetMemoryInfo(mh).total),
+                                      simulated=False, pool=pool, mig=profile))
     finally:
         pynvml.nvmlShutdown()
     if not devices:
@@ -56,15 +62,67 @@ def nvml_devices(pool: str = "default") -> list[Device]:
     return devices
 
 
-def simulated_devices(count: int, memory: int, pool: str = "default") -> list[Device]:
+def _mig_instances(pynvml, h) -> list | None:
+    """``[(handle, profile)]`` of a GPU in MIG mode, or None when it is not in MIG mode."""
+    try:
+        current, _pending = pynvml.nvmlDeviceGetMigMode(h)
+    except pynvml.NVMLError:  # no MIG support on this GPU or driver
+        return None
+    if current != pynvml.NVML_DEVICE_MIG_ENABLE:
+        return None
+    out = []
+    for k in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(h)):
+        try:
+            mh = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(h, k)
+        except pynvml.NVMLError:  # no instance at this slot
+            continue
+        attrs = pynvml.nvmlDeviceGetAttributes(mh)
+        out.append((mh, mig_profile(attrs.gpuInstanceSliceCount, attrs.memorySizeMB)))
+    return out
+
+
+def mig_profile(slices: int, memory_mb: int) -> str:
+    """NVIDIA's name for a MIG instance: compute slices and memory in whole GB (1g.10gb)."""
+    return f"{slices}g.{max(1, round(memory_mb / 1024))}gb"
+
+
+def parse_mig_layout(text: str) -> list[str]:
+    """``"3g.40gb,2g.20gb,1g.10gb*2"`` -> the profiles, in order."""
+    from jupyter_gpu_attach.slices import MIG_PROFILE
+
+    out: list[str] = []
+    for part in filter(None, (p.strip().lower() for p in text.split(","))):
+        profile, _, times = part.partition("*")
+        if not MIG_PROFILE.match(profile) or (times and not (times.isdigit() and 1 <= int(times) <= 8)):
+            raise ValueError(f"not a MIG layout: {text!r} (write it like 3g.40gb,2g.20gb,1g.10gb*2)")
+        out += [profile] * (int(times) if times else 1)
+    if not out or len(out) > 8:
+        raise ValueError(f"a MIG layout names 1 to 8 instances, got {len(out)} in {text!r}")
+    return out
+
+
+def simulated_devices(count: int, memory: int, pool: str = "default", mig: list[str] | None = None) -> list[Device]:
+    """``count`` SIMULATED devices; with ``mig``, each split into instances of those profiles
+    (memory as the profile says, in GiB), as a GPU in MIG mode is offered."""
     host = socket.gethostname()
-    return [Device(i, f"SIM-{host}-{i}", SIMULATED_MODEL, memory, True, pool) for i in range(count)]
+    if not mig:
+        return [Device(i, f"SIM-{host}-{i}", SIMULATED_MODEL, memory, True, pool) for i in range(count)]
+    devices = []
+    for g in range(count):
+        for k, profile in enumerate(mig):
+            gib = int(profile.split(".")[1].removesuffix("+me").removesuffix("gb"))
+            devices.append(Device(len(devices), f"MIG-SIM-{host}-{g}-{k}", f"{SIMULATED_MODEL} MIG {profile}",
+                                  gib << 30, True, pool, mig=profile))
+    return devices
 
 
-def discover(simulate: int | None, memory: int, pool: str = "default") -> tuple[list[Device], str]:
+def discover(simulate: int | None, memory: int, pool: str = "default",
+             mig: list[str] | None = None) -> tuple[list[Device], str]:
     """Real GPUs unless ``simulate`` is set or none are found; returns ``(devices, why)``."""
     if simulate:
-        return simulated_devices(simulate, memory, pool), f"{simulate} simulated device(s), as asked (--simulate)"
+        devices = simulated_devices(simulate, memory, pool, mig)
+        layout = f" in MIG mode ({len(devices)} instances: {', '.join(d.mig for d in devices)})" if mig else ""
+        return devices, f"{simulate} simulated device(s){layout}, as asked (--simulate)"
     try:
         devices = nvml_devices(pool)
         return devices, f"{len(devices)} NVIDIA GPU(s) from NVML"

@@ -107,7 +107,7 @@ class Broker(WaitingRoom, Accounting):
                 gpu_id = f"{agent_id}/{d['index']}"
                 values = dict(agent_id=agent_id, idx=d["index"], uuid=d["uuid"], model=d["model"],
                               memory=d["memory"], simulated=d["simulated"], pool=d.get("pool") or "default",
-                              present=True)
+                              mig=d.get("mig"), present=True)
                 if conn.execute(select(gpus.c.id).where(gpus.c.id == gpu_id)).first():
                     conn.execute(update(gpus).where(gpus.c.id == gpu_id).values(**values))
                 else:
@@ -513,5 +513,8 @@ def _borrow_note(refusal: Refusal) -> dict:
 
 
 def _device_json(r: dict) -> dict:
-    return {"id": r["id"], "index": r["idx"], "uuid": r["uuid"], "model": r["model"],
-            "memory": r["memory"], "simulated": bool(r["simulated"]), "pool": r["pool"]}
+    out = {"id": r["id"], "index": r["idx"], "uuid": r["uuid"], "model": r["model"],
+           "memory": r["memory"], "simulated": bool(r["simulated"]), "pool": r["pool"]}
+    if r.get("mig"):
+        out["mig"] = r["mig"]
+    return out

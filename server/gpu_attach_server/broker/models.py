@@ -23,7 +23,9 @@ class _Strict(BaseModel):
 # Exactly one size may be named; said in the schema too, so generated clients know it.
 _ONE_SIZE = {"not": {"anyOf": [
     {"required": list(pair), "properties": {k: {"not": {"type": "null"}} for k in pair}}
-    for pair in (("gpus", "fraction"), ("gpus", "memory"), ("fraction", "memory"))]}}
+    for pair in (("gpus", "fraction"), ("gpus", "memory"), ("fraction", "memory"),
+                 ("gpus", "mig"), ("fraction", "mig"), ("memory", "mig"))]}}
+_MIG = r"^[1-8]g\.[0-9]{1,4}gb(\+me)?$"
 
 
 class LeaseRequest(_Strict):
@@ -37,6 +39,7 @@ class LeaseRequest(_Strict):
         {"type": "null"}]})] = Field(
         None, description="bytes, or a size such as '8GiB' (KB/MB/GB/TB: powers of 1000; KiB/MiB/GiB/TiB: of 1024)")
     pool: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    mig: Optional[str] = Field(None, pattern=_MIG, description="a whole MIG instance of this profile, e.g. 1g.10gb")
     session: str = Field(..., pattern=_NAME, description="the notebook session asking")
     label: str = Field("", max_length=256, description="free text shown in listings, e.g. the cell")
     wait_s: float = Field(0.0, ge=0, le=86400, description=(
@@ -63,7 +66,7 @@ class LeaseRequest(_Strict):
         return self
 
     def slice(self) -> SliceRequest:
-        return SliceRequest(gpus=self.gpus, fraction=self.fraction, memory=self.memory, pool=self.pool)
+        return SliceRequest(gpus=self.gpus, fraction=self.fraction, memory=self.memory, pool=self.pool, mig=self.mig)
 
 
 class Device(_Strict):
@@ -73,6 +76,7 @@ class Device(_Strict):
     memory: int = Field(..., gt=0, le=2**50)
     simulated: bool
     pool: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    mig: Optional[str] = Field(None, pattern=_MIG, description="set when this device is a MIG instance: its profile")
 
 
 class AgentRegistration(_Strict):

@@ -24,6 +24,7 @@ class GPU:
     memory: int
     simulated: bool
     pool: str = "default"
+    mig: str | None = None  # the profile, when this is a MIG instance of a GPU in MIG mode
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,15 @@ def place(
         hint = f" (pools with GPUs up: {', '.join(pools)})" if pools else " (no agent is up: start one with `gpu-attach agent`)"
         raise NoFit(f"no GPU is up{where}{hint}", never=True)
     free = free_memory(candidates, allocations)
+    if request.mig is not None:
+        return _place_mig(request.mig, candidates, free, prefer_gpu_ids, where)
+    # A GPU in MIG mode is used only as its instances (NVIDIA allows nothing else).
+    whole_gpus = [g for g in candidates if g.mig is None]
+    if not whole_gpus:
+        profiles = ", ".join(sorted({g.mig for g in candidates}))
+        raise NoFit(f"every GPU{where} is in MIG mode: ask for one of its instances with --mig ({profiles})",
+                    never=True)
+    candidates = whole_gpus
 
     if request.gpus is not None:
         return _place_whole(request.gpus, candidates, free, prefer_gpu_ids, where)
@@ -118,6 +128,21 @@ def _place_whole(n: int, gpus: list[GPU], free: dict[str, int], prefer: frozense
     return Placement(tuple(sorted(chosen, key=lambda g: g.index)), chosen[0].memory, 1.0)
 
 
+def _place_mig(profile: str, gpus: list[GPU], free: dict[str, int], prefer: frozenset[str], where: str) -> Placement:
+    """A whole MIG instance of ``profile``: an idle one, the session's last first."""
+    same = [g for g in gpus if g.mig == profile]
+    if not same:
+        have = sorted({g.mig for g in gpus if g.mig})
+        hint = f"MIG profiles up: {', '.join(have)}" if have else "no GPU is in MIG mode"
+        raise NoFit(f"no MIG {profile} instance{where} ({hint})", never=True)
+    idle = [g for g in same if free[g.id] == g.memory]
+    if not idle:
+        raise NoFit(f"every MIG {profile} instance{where} is in use now ({len(same)} in all)", never=False)
+    chosen = min(idle, key=lambda g: (g.id not in prefer, g.agent_id, g.index))
+    # Its share of the physical GPU (of 7 compute slices) is what quotas and fair share count.
+    return Placement((chosen,), chosen.memory, min(1.0, int(profile.split("g.")[0]) / 7))
+
+
 def gpu_from_row(r: dict) -> GPU:
     """A GPU from a ``gpus`` row joined as in ``Store.gpus_up``."""
-    return GPU(r["id"], r["agent_id"], r["idx"], r["model"], r["memory"], r["simulated"], r["pool"])
+    return GPU(r["id"], r["agent_id"], r["idx"], r["model"], r["memory"], r["simulated"], r["pool"], r.get("mig"))

@@ -39,6 +39,7 @@ class DeviceOut(_Doc):
     memory: int
     simulated: bool
     pool: str
+    mig: Optional[str] = Field(None, description="the MIG profile, when the device is a MIG instance")
 
 
 class Grant(_Doc):

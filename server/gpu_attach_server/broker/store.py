@@ -59,6 +59,7 @@ gpus = Table(
     Column("memory", BigInteger, nullable=False),
     Column("simulated", Boolean, nullable=False),
     Column("pool", String(64), nullable=False),
+    Column("mig", String(32), nullable=True),  # a MIG instance's profile (1g.10gb); None: a whole GPU
     Column("present", Boolean, nullable=False, default=True),  # False once the agent stops reporting it
 )
 
@@ -152,10 +153,13 @@ class Store:
         """Columns added since a database was made: added to it, with their defaults."""
         from sqlalchemy import inspect
 
-        have = {c["name"] for c in inspect(self.engine).get_columns("quotas")}
-        if "borrow" not in have:
-            with self.engine.begin() as conn:
-                conn.exec_driver_sql("ALTER TABLE quotas ADD COLUMN borrow BOOLEAN NOT NULL DEFAULT FALSE")
+        added = {"quotas": {"borrow": "BOOLEAN NOT NULL DEFAULT FALSE"}, "gpus": {"mig": "VARCHAR(32)"}}
+        for table, columns in added.items():
+            have = {c["name"] for c in inspect(self.engine).get_columns(table)}
+            for name, ddl in columns.items():
+                if name not in have:
+                    with self.engine.begin() as conn:
+                        conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}")
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
@@ -344,7 +348,7 @@ _LEASE_COLUMNS = ("id", "user", "session", "state", "request", "agent_id", "agen
 _LEASE_SELECT = ", ".join(f'"{c}"' for c in _LEASE_COLUMNS)
 _LEASE_SELECT_L = ", ".join(f'l."{c}"' for c in _LEASE_COLUMNS)
 _GPUS_UP = (
-    "SELECT g.id, g.agent_id, g.idx, g.uuid, g.model, g.memory, g.simulated, g.pool, a.address, a.incarnation "
+    "SELECT g.id, g.agent_id, g.idx, g.uuid, g.model, g.memory, g.simulated, g.pool, g.mig, a.address, a.incarnation "
     "FROM gpus g JOIN agents a ON a.id = g.agent_id WHERE g.present = ? AND a.state = ? ORDER BY g.id"
 )
 _ACTIVE_ALLOCATIONS = (
