@@ -22,7 +22,7 @@ from fastapi.openapi.utils import get_openapi
 
 from .. import __version__
 from . import agents, schemas
-from .background import in_background, lower_priority
+from .background import in_background
 from .fast_path import FastPath, LeaseCalls, error_body
 from .auth import Principal, TokenBook
 from .core import LEASE_STATES, Broker, BrokerError
@@ -87,8 +87,8 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
 
     def checkpointer():
         # Copies the WAL back into the database often enough to keep up with a busy site (a
-        # grant+release appends ~18 KiB), at the lowest CPU priority, off the request path.
-        lower_priority()
+        # grant+release appends ~18 KiB), off the request path. At normal priority: starved
+        # (by a listing at low priority, say), the WAL grows and every grant slows down.
         while not stop.wait(CHECKPOINT_INTERVAL_S):
             try:
                 broker.store.checkpoint()
