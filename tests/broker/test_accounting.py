@@ -58,6 +58,35 @@ def test_busy_time_comes_from_the_agents_running_list(broker):
     assert by_gpu[busy["gpus"][0]["id"]]["busy_gpu_s"] == pytest.approx(a["busy_gpu_s"])
 
 
+def test_busy_time_on_real_gpus_is_weighted_by_their_utilisation(broker):
+    """Where the agent measured NVML utilisation, a running cell counts that share as busy (a
+    cell waiting on its CPU holds an idle GPU); where it did not, its running time."""
+    admin = SiteAdmin(broker, TokenBook())
+    t0 = time.time()
+    hot = broker.grant(ALICE, SliceRequest(gpus=1), "a")
+    cool = broker.grant(BOB, SliceRequest(gpus=1), "b")
+    broker.record_busy("h1", [])
+    for _ in range(4):
+        time.sleep(0.1)
+        broker.record_busy("h1", [hot["id"], cool["id"]], {hot["id"]: 1.0, cool["id"]: 0.25})
+    broker.release(ALICE, hot["id"])
+    broker.release(BOB, cool["id"])
+    broker.reap()
+    rows = {r["user"]: r for r in admin.usage(t0, time.time(), "user")["rows"]}
+    assert rows["alice"]["busy_gpu_s"] == pytest.approx(0.4, abs=0.1)
+    assert rows["bob"]["busy_gpu_s"] == pytest.approx(rows["alice"]["busy_gpu_s"] / 4, rel=0.05)
+
+
+def test_an_agents_utilisation_report_is_bounded():
+    from gpu_attach_server.broker.models import Heartbeat
+    from pydantic import ValidationError
+
+    assert Heartbeat(incarnation="x", running=["L1"], utilisation={"L1": 0.5}).utilisation == {"L1": 0.5}
+    for bad in ({"L1": 1.5}, {"L1": -0.1}, {"L1": "high"}):
+        with pytest.raises(ValidationError):
+            Heartbeat(incarnation="x", running=["L1"], utilisation=bad)
+
+
 def test_an_agent_cannot_invent_leases_for_accounting(broker):
     broker.record_busy("h1", [])
     time.sleep(0.05)

@@ -120,3 +120,13 @@ def test_device_arrays_leave_the_gpu_between_cells_and_come_back_for_the_next(se
     session.run("kind = type(d).__module__.split('.')[0]\nsame = d is alias\ntotal = float(d.sum())", ns, req)
     assert ns["kind"] == "cupy" and ns["same"] is True
     assert ns["total"] == float(sum(range(1024 * 1024)))
+
+
+def test_nvml_utilisation_is_sampled_for_usage_accounting():
+    from gpu_attach_server.agent.inventory import NvmlSampler, nvml_devices
+
+    uuids = [d.uuid for d in nvml_devices() if not d.mig]
+    sampler = NvmlSampler.open(uuids)
+    assert sampler is not None
+    got = sampler.sample()
+    assert set(got) == set(uuids) and all(0.0 <= v <= 1.0 for v in got.values())

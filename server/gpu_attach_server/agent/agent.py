@@ -43,7 +43,7 @@ from .broker_channel import BrokerChannel
 from .cgroups import Cgroup, CgroupError, CgroupTree
 from .enrolment import AgentKey
 from .identities import UserIds, parse_range
-from .inventory import Device
+from .inventory import Device, NvmlSampler
 from .jail import needed_paths
 
 log = logging.getLogger("gpu_attach.agent")
@@ -138,6 +138,8 @@ class Agent:
     def __init__(self, settings: AgentSettings, devices: list[Device]):
         self.settings = settings
         self.devices = {d.index: d for d in devices}
+        # GPU utilisation for usage accounting (busy GPU-seconds), on real whole GPUs only.
+        self._nvml = NvmlSampler.open([d.uuid for d in devices if not d.simulated and not d.mig])
         self.verifier: GrantVerifier | None = None
         self.incarnation: str | None = None
         self.http = requests.Session()
@@ -242,7 +244,8 @@ class Agent:
             try:
                 r = self.http.post(
                     f"{self.settings.broker_url}/v1/agents/{self.settings.agent_id}/heartbeat",
-                    json={"incarnation": self.incarnation, "running": self._running_leases()}, timeout=10)
+                    json={"incarnation": self.incarnation, "running": self._running_leases(),
+                          "utilisation": self._utilisation()}, timeout=10)
                 if r.status_code == 409:
                     log.warning("broker lost this agent's registration; registering again")
                     self._stop_all_cells("the broker restarted or marked this agent down")
@@ -257,6 +260,22 @@ class Agent:
     def _running_leases(self) -> list[str]:
         with self._lock:
             return [s.running_lease for s in self._sandboxes.values() if s.running_lease]
+
+    def _utilisation(self) -> dict[str, float]:
+        """Each running lease's devices' mean NVML utilisation now (real GPUs that report one)."""
+        if self._nvml is None:
+            return {}
+        with self._lock:
+            running = [(s.running_lease, s.devices) for s in self._sandboxes.values() if s.running_lease]
+        if not running:
+            return {}
+        now = self._nvml.sample()
+        out = {}
+        for lease, devices in running:
+            values = [now[self.devices[i].uuid] for i in devices if self.devices[i].uuid in now]
+            if values and len(values) == len(devices):
+                out[lease] = sum(values) / len(values)
+        return out
 
     def _enforce(self, active: set[str], asked: float) -> None:
         """Stop every cell whose lease the broker no longer grants. A cell admitted after the

@@ -62,6 +62,38 @@ def nvml_devices(pool: str = "default") -> list[Device]:
     return devices
 
 
+class NvmlSampler:
+    """GPU utilisation by device UUID, from NVML (``utilization.gpu``: the share of the driver's
+    last sample period, 1/6 s to 1 s, in which a kernel ran). Held open for the agent's life."""
+
+    def __init__(self, pynvml, handles: dict[str, object]):
+        self._nvml, self._handles = pynvml, handles
+
+    @classmethod
+    def open(cls, uuids: list[str]) -> "NvmlSampler | None":
+        """A sampler for these GPUs, or None (no GPU, no NVML, or no utilisation to read)."""
+        if not uuids:
+            return None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handles = {u: pynvml.nvmlDeviceGetHandleByUUID(u.encode() if isinstance(u, str) else u) for u in uuids}
+        except Exception:  # no driver or library here: busy time is the cells' running time
+            return None
+        return cls(pynvml, handles)
+
+    def sample(self) -> dict[str, float]:
+        """``{uuid: 0..1}`` for every GPU that answers now."""
+        out = {}
+        for uuid, h in self._handles.items():
+            try:
+                out[uuid] = min(max(self._nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100.0, 0.0), 1.0)
+            except Exception:  # a GPU that cannot say (lost, or not supported): counted by running time
+                continue
+        return out
+
+
 def _mig_instances(pynvml, h) -> list | None:
     """``[(handle, profile)]`` of a GPU in MIG mode, or None when it is not in MIG mode."""
     try:

@@ -26,9 +26,10 @@ class Accounting:
 
     # -- busy time, as agents report it ---------------------------------------------------------
 
-    def record_busy(self, agent_id: str, running: list[str]) -> None:
+    def record_busy(self, agent_id: str, running: list[str], utilisation: dict[str, float] | None = None) -> None:
         """An agent's heartbeat named the leases whose cell is running: each was busy since the
-        last beat (capped at two intervals, so a missed beat is not counted as busy)."""
+        last beat (capped at two intervals, so a missed beat is not counted as busy), times its
+        devices' NVML utilisation where the agent measured one (real GPUs)."""
         t = now()
         last = self._last_beat.get(agent_id)
         self._last_beat[agent_id] = t
@@ -36,8 +37,9 @@ class Accounting:
         if last is None or not running:
             return
         dt = min(t - last, 2 * self.settings.heartbeat_interval_s)
+        utilisation = utilisation or {}
         for lease_id in running[:10000]:
-            self._busy[lease_id] += dt
+            self._busy[lease_id] += dt * min(max(float(utilisation.get(lease_id, 1.0)), 0.0), 1.0)
 
     def _flush_busy(self, conn) -> None:
         if not self._busy:

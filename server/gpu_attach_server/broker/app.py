@@ -237,7 +237,7 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
     async def heartbeat(agent_id: AgentId, body: Heartbeat, who: Principal = Depends(agent)):
         acting_as(who, agent_id)
         answer = broker.heartbeat(agent_id, body.incarnation)
-        broker.record_busy(agent_id, body.running)  # usage accounting: which cells ran since the last beat
+        broker.record_busy(agent_id, body.running, body.utilisation)  # usage: which cells ran, how hard
         return answer
 
     from .admin_routes import admin_router

@@ -89,3 +89,6 @@ class AgentRegistration(_Strict):
 class Heartbeat(_Strict):
     incarnation: str = Field(..., max_length=64)
     running: list[str] = Field(default_factory=list, max_length=10000)
+    # Real GPUs: the NVML utilisation (0-1) of each running lease's devices at this beat; a lease
+    # without one counts as busy for as long as its cell runs (simulated devices, MIG instances).
+    utilisation: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict, max_length=10000)
