@@ -14,7 +14,8 @@ from . import connection
 from .config import GPUAttach
 from .slices import SliceRequest, format_size
 
-KINDS = {"memory": "memory (e.g. 8GiB)", "fraction": "fraction of a GPU", "gpus": "whole GPUs"}
+KINDS = {"memory": "memory (e.g. 8GiB)", "fraction": "fraction of a GPU", "gpus": "whole GPUs",
+         "mig": "MIG instance (e.g. 1g.10gb)"}
 
 
 def widget(refresh_interval: float | None = None):
@@ -73,7 +74,7 @@ class PoolWidget:
         self.session = connection.get_session()
         self.view = w.HTML(value="<i>loading the GPU pool…</i>")
         self.kind = w.Dropdown(options=[(v, k) for k, v in KINDS.items()], value="memory", description="Request")
-        self.amount = w.Text(value="", placeholder="8GiB, 0.25 or 1", description="Amount")
+        self.amount = w.Text(value="", placeholder="8GiB, 0.25, 1 or 1g.10gb", description="Amount")
         self.pool_label = w.Text(value="", placeholder="any", description="Pool")
         self.apply = w.Button(description="Set default", icon="check", button_style="primary")
         self.default_view = w.HTML(value=self._default_text())
@@ -99,6 +100,8 @@ class PoolWidget:
                 request = SliceRequest.from_options(memory=value, pool=pool)
             elif self.kind.value == "fraction":
                 request = SliceRequest.from_options(fraction=float(value), pool=pool)
+            elif self.kind.value == "mig":
+                request = SliceRequest.from_options(mig=value, pool=pool)
             else:
                 request = SliceRequest.from_options(gpus=int(value), pool=pool)
         except ValueError as e:

@@ -46,6 +46,7 @@ def test_widget_draws_the_pool_and_follows_leases_live(pool_widget, site):
     ("memory", "2GiB", SliceRequest(memory=2 * 2**30)),
     ("fraction", "0.25", SliceRequest(fraction=0.25)),
     ("gpus", "1", SliceRequest(gpus=1)),
+    ("mig", "1g.10gb", SliceRequest(mig="1g.10gb")),
 ])
 def test_set_default_changes_the_sessions_request(pool_widget, kind, amount, expected):
     pool_widget.kind.value, pool_widget.amount.value = kind, amount
@@ -60,7 +61,7 @@ def test_a_default_set_elsewhere_shows_at_the_next_refresh(pool_widget):
     assert SliceRequest(fraction=0.125).describe() in pool_widget.default_view.value
 
 
-@pytest.mark.parametrize("kind,amount", [("fraction", "3"), ("gpus", "one"), ("memory", "lots")])
+@pytest.mark.parametrize("kind,amount", [("fraction", "3"), ("gpus", "one"), ("memory", "lots"), ("mig", "half")])
 def test_a_bad_amount_says_why_and_changes_nothing(pool_widget, kind, amount):
     before = pool_widget.session.default
     pool_widget.kind.value, pool_widget.amount.value = kind, amount
