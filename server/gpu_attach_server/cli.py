@@ -276,7 +276,10 @@ def run_agent(args) -> int:
     try:
         agent.serve_forever()
     except KeyboardInterrupt:
-        agent.stop()
+        pass
+    # serve_forever returns as soon as a stop began (a signal, or the parent watcher's thread):
+    # finish it here, or the interpreter's exit would cut that thread off before it cleaned up.
+    agent.stop()
     return 0
 
 

@@ -58,3 +58,18 @@ def test_a_heartbeat_gives_each_running_lease_its_devices_mean_utilisation():
     assert Agent._utilisation(agent) == {"L2": 0.5, "L1": 0.2}
     agent._nvml = None
     assert Agent._utilisation(agent) == {}
+
+
+def test_mig_instances_get_nvidias_profile_names():
+    """Memory sizes as NVML reports them for A100 40GB/80GB and H100 80GB instances."""
+    from gpu_attach_server.agent.inventory import mig_profile
+
+    a100_40, a100_80, h100 = 40536 << 20, 81920 << 20, 81559 << 20
+    assert mig_profile(1, 4864, a100_40) == "1g.5gb"
+    assert mig_profile(3, 19968, a100_40) == "3g.20gb"
+    assert mig_profile(7, 40192, a100_40) == "7g.40gb"
+    assert mig_profile(1, 9728, a100_80) == "1g.10gb"
+    assert mig_profile(3, 40192, a100_80) == "3g.40gb"
+    assert mig_profile(7, 80896, a100_80) == "7g.80gb"
+    assert mig_profile(1, 9856, h100) == "1g.10gb"
+    assert mig_profile(2, 19968, h100) == "2g.20gb"

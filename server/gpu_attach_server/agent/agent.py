@@ -138,6 +138,8 @@ class Agent:
     def __init__(self, settings: AgentSettings, devices: list[Device]):
         self.settings = settings
         self.devices = {d.index: d for d in devices}
+        self._stopping = threading.RLock()  # see stop()
+        self._stop_began = False
         # GPU utilisation for usage accounting (busy GPU-seconds), on real whole GPUs only.
         self._nvml = NvmlSampler.open([d.uuid for d in devices if not d.simulated and not d.mig])
         self.verifier: GrantVerifier | None = None
@@ -879,6 +881,16 @@ class Agent:
                     self._kill_locked(s)
 
     def stop(self) -> None:
+        """Stop serving, kill every sandbox, remove what the agent made. Safe to call from several
+        threads (a signal, the parent watcher, the main thread): later callers wait for the first
+        to finish, so the process never exits with its sandboxes or work directory left behind."""
+        with self._stopping:
+            if self._stop_began:
+                return
+            self._stop_began = True
+            self._stop_once()
+
+    def _stop_once(self) -> None:
         self._stop.set()
         try:
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked in serve_forever

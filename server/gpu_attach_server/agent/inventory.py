@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 from dataclasses import asdict, dataclass
 
@@ -45,7 +46,7 @@ def nvml_devices(pool: str = "default") -> list[Device]:
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             name = text(pynvml.nvmlDeviceGetName(h))
-            instances = _mig_instances(pynvml, h)
+            instances = _mig_instances(pynvml, h, int(pynvml.nvmlDeviceGetMemoryInfo(h).total))
             if instances is None:
                 devices.append(Device(index=len(devices), uuid=text(pynvml.nvmlDeviceGetUUID(h)), model=name,
                                       memory=int(pynvml.nvmlDeviceGetMemoryInfo(h).total), simulated=False, pool=pool))
@@ -94,7 +95,7 @@ class NvmlSampler:
         return out
 
 
-def _mig_instances(pynvml, h) -> list | None:
+def _mig_instances(pynvml, h, total_memory: int) -> list | None:
     """``[(handle, profile)]`` of a GPU in MIG mode, or None when it is not in MIG mode."""
     try:
         current, _pending = pynvml.nvmlDeviceGetMigMode(h)
@@ -109,13 +110,17 @@ def _mig_instances(pynvml, h) -> list | None:
         except pynvml.NVMLError:  # no instance at this slot
             continue
         attrs = pynvml.nvmlDeviceGetAttributes(mh)
-        out.append((mh, mig_profile(attrs.gpuInstanceSliceCount, attrs.memorySizeMB)))
+        out.append((mh, mig_profile(attrs.gpuInstanceSliceCount, attrs.memorySizeMB, total_memory)))
     return out
 
 
-def mig_profile(slices: int, memory_mb: int) -> str:
-    """NVIDIA's name for a MIG instance: compute slices and memory in whole GB (1g.10gb)."""
-    return f"{slices}g.{max(1, round(memory_mb / 1024))}gb"
+def mig_profile(slices: int, memory_mb: int, total_memory: int) -> str:
+    """NVIDIA's name for a MIG instance (1g.10gb), as its Kubernetes device plugin derives it: the
+    instance's share of the GPU's memory rounded up to eighths, times the GPU's memory in whole
+    GiB rounded up. (The memory alone misnames some: 7g.80gb has 79 GiB.)"""
+    share = math.ceil(memory_mb * 2**20 / total_memory * 8) / 8
+    total_gib = -(-total_memory // 2**30)
+    return f"{slices}g.{max(1, round(share * total_gib))}gb"
 
 
 def parse_mig_layout(text: str) -> list[str]:
