@@ -400,32 +400,35 @@ class Broker(WaitingRoom, Accounting):
         ``next`` is the cursor for the following page (pass it as ``before``), or None at the end.
         One statement per page, on a reader connection, so it never waits for or holds up a grant.
         """
-        owner = user if who.is_admin else who.name
-        cursor = parse_cursor(before) if before else None
-        # Requests still in the queue live in memory, not in the table: the first page shows them.
-        waiting = self.queued_of(owner, session) if queued and before is None and state in (None, "queued") else []
+        owner, cursor, waiting = self._page_scope(who, state, session, before, user, queued)
         if state == "queued":
             return {"leases": waiting[:limit], "next": None}
         with self.store.read() as conn:
             rows = self.store.lease_page(conn, owner, state, session, cursor, limit)
-        out = waiting + [_page_json(r) for r in rows]
-        nxt = f"{rows[-1]['created_at']!r}_{rows[-1]['id']}" if len(rows) == limit else None
-        return {"leases": out, "next": nxt}
+        last = (rows[-1]["created_at"], rows[-1]["id"]) if rows else None
+        return {"leases": waiting + [_page_json(r) for r in rows], "next": _next_cursor(last, len(rows), limit)}
 
     def lease_page_bytes(self, who: Principal, state: str | None = None, session: str | None = None,
                          before: str | None = None, limit: int = 100) -> bytes:
         """:meth:`lease_page` as the JSON document the listing route sends, with each lease's JSON
         written by the database (``Store.lease_page_json``), not parsed and encoded again here."""
-        owner = None if who.is_admin else who.name
-        cursor = parse_cursor(before) if before else None
-        waiting = self.queued_of(owner, session) if before is None and state in (None, "queued") else []
+        owner, cursor, waiting = self._page_scope(who, state, session, before)
         if state == "queued":
             return orjson.dumps({"leases": waiting[:limit], "next": None})
         with self.store.read() as conn:
             texts, last = self.store.lease_page_json(conn, owner, state, session, cursor, limit)
-        nxt = f"{last[0]!r}_{last[1]}" if last is not None and len(texts) == limit else None
         items = [orjson.dumps(w).decode() for w in waiting] + texts
-        return ('{"leases":[' + ",".join(items) + '],"next":' + orjson.dumps(nxt).decode() + "}").encode()
+        nxt = orjson.dumps(_next_cursor(last, len(texts), limit)).decode()
+        return ('{"leases":[' + ",".join(items) + '],"next":' + nxt + "}").encode()
+
+    def _page_scope(self, who: Principal, state, session, before, user: str | None = None, queued: bool = True):
+        """Whose leases a page lists (an admin's: everyone's, or ``user``'s), from where, and the
+        queued requests it starts with: they live in memory, not in the table, so the first page
+        shows them."""
+        owner = user if who.is_admin else who.name
+        cursor = parse_cursor(before) if before else None
+        waiting = self.queued_of(owner, session) if queued and before is None and state in (None, "queued") else []
+        return owner, cursor, waiting
 
     def pool(self) -> dict:
         """Every GPU with its free and used share, and each agent's state."""
@@ -484,6 +487,11 @@ class Broker(WaitingRoom, Accounting):
         })
 
 
+
+
+def _next_cursor(last: tuple[float, str] | None, got: int, limit: int) -> str | None:
+    """The ``next`` of a page whose last row is ``last``: None when the page was not full."""
+    return f"{last[0]!r}_{last[1]}" if last is not None and got == limit else None
 
 
 def parse_cursor(text: str) -> tuple[float, str]:
