@@ -170,3 +170,27 @@ def test_a_user_token_may_not_release_with_the_wrong_method_or_path(app, fast_an
     assert call(app, "DELETE", f"/v1/leases/{lid}").status_code == 401
     assert fast_answers == [1]
     assert call(app, "DELETE", f"/v1/leases/{lid}", ALICE).json()["state"] == "released"
+
+
+def test_a_failing_handler_answers_500_both_ways_and_is_logged(app, fast_answers, monkeypatch, caplog):
+    """The fast path sits in front of FastAPI's error middleware, so it answers a bug itself, as
+    Starlette does: 500, "Internal Server Error", nothing of the exception in the body."""
+    def broken(*a, **k):
+        raise RuntimeError("secret detail of a bug")
+    monkeypatch.setattr(app.fast_path.calls, "grant", broken)
+    with caplog.at_level("ERROR", logger="gpu_attach.broker"):
+        r = call(app, "POST", "/v1/leases", ALICE, {"session": "s", "fraction": 0.5})
+    assert fast_answers == [1]
+    assert r.status_code == 500 and r.text == "Internal Server Error"
+    assert r.headers["content-type"].startswith("text/plain")
+    assert "secret detail of a bug" in caplog.text and "secret" not in r.text
+    # The FastAPI route shares the same handler: the same answer (Starlette's), by the other way.
+    async def go():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://broker") as c:
+            async def chunks():
+                yield b'{"session": "s", "fraction": 0.5}'
+            return await c.post("/v1/leases", content=chunks(), headers={
+                "Authorization": f"Bearer {ALICE}", "Content-Type": "application/json"})
+    s = asyncio.run(go())
+    assert s.status_code == 500 and s.text == r.text

@@ -7,6 +7,7 @@ any; agents only register and beat. Domain errors map to HTTP codes in one place
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import logging
 import threading
@@ -64,6 +65,19 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
+class BrokerApp(FastAPI):
+    """FastAPI with the per-cell fast path (``fast_path.py``) in front of its whole middleware
+    stack: a grant or release that the fast path answers skips FastAPI's own per-request work
+    (telemetry checks, the error and body-limit middleware) as well as its routing."""
+
+    fast_path: FastPath | None = None
+
+    async def __call__(self, scope, receive, send):
+        if self.fast_path is not None and scope["type"] == "http":
+            return await self.fast_path(scope, receive, send)
+        return await super().__call__(scope, receive, send)
+
+
 async def _too_large(send, limit):
     body = b'{"detail":"request body is over %d bytes"}' % limit
     await send({"type": "http.response.start", "status": 413,
@@ -103,7 +117,7 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
         yield
         stop.set()
 
-    app = FastAPI(title="jupyter-gpu-attach broker", version=__version__, lifespan=lifespan)
+    app = BrokerApp(title="jupyter-gpu-attach broker", version=__version__, lifespan=lifespan)
     app.add_middleware(BodyLimit)
     # The 413 of a body over the limit found while reading it (no Content-Length) is raised from
     # inside the request; HTTPException carries it out as a 413, not a 500.
@@ -157,7 +171,7 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
         release=lambda who, lease_id: (200, broker.release(who, lease_id)),
         renew=lambda who, lease_id: (200, broker.renew(who, lease_id)),
         lookup=lambda: tokens.lookup)
-    app.add_middleware(FastPath, calls=calls)
+    app.fast_path = FastPath(functools.partial(FastAPI.__call__, app), calls)
 
     @app.get("/healthz", response_model=schemas.Health)
     async def healthz():

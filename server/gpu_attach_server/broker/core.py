@@ -416,10 +416,12 @@ class Broker(WaitingRoom, Accounting):
         if state == "queued":
             return orjson.dumps({"leases": waiting[:limit], "next": None})
         with self.store.read() as conn:
-            texts, last = self.store.lease_page_json(conn, owner, state, session, cursor, limit)
-        items = [orjson.dumps(w).decode() for w in waiting] + texts
-        nxt = orjson.dumps(_next_cursor(last, len(texts), limit)).decode()
-        return ('{"leases":[' + ",".join(items) + '],"next":' + nxt + "}").encode()
+            array, n, last = self.store.lease_page_json(conn, owner, state, session, cursor, limit)
+        if waiting:  # in memory, not in the table: they go first
+            items = [orjson.dumps(w).decode() for w in waiting] + ([array[1:-1]] if n else [])
+            array = "[" + ",".join(items) + "]"
+        nxt = orjson.dumps(_next_cursor(last, n, limit)).decode()
+        return ('{"leases":' + array + ',"next":' + nxt + "}").encode()
 
     def _page_scope(self, who: Principal, state, session, before, user: str | None = None, queued: bool = True):
         """Whose leases a page lists (an admin's: everyone's, or ``user``'s), from where, and the

@@ -16,6 +16,7 @@ OpenAPI document, still come from one place, and the fast path adds no behaviour
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -27,6 +28,8 @@ from pydantic import ValidationError
 from .auth import Principal
 from .errors import BrokerError
 from .models import LeaseRequest
+
+log = logging.getLogger("gpu_attach.broker")
 
 #: A lease request is a few hundred bytes; anything longer is left to the framework's limits.
 MAX_FAST_BODY = 64 * 1024
@@ -105,16 +108,20 @@ class FastPath:
 
 async def _answer(send, call: Callable[[], tuple[int, dict]]) -> None:
     headers: list[tuple[bytes, bytes]] = []
+    ctype = _JSON
     try:
         status, out = call()
+        body = orjson.dumps(out)
     except BrokerError as e:
-        status, out = e.status, error_body(e)
+        status, body = e.status, orjson.dumps(error_body(e))
     except HTTPException as e:  # raised by a shared handler: answered as FastAPI would
-        status, out = e.status_code, {"detail": e.detail}
+        status, body = e.status_code, orjson.dumps({"detail": e.detail})
         headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (e.headers or {}).items()]
-    body = orjson.dumps(out)
+    except Exception:  # a bug: answered as Starlette's ServerErrorMiddleware would, and logged
+        log.exception("the fast path failed to answer a lease request")
+        status, body, ctype = 500, b"Internal Server Error", b"text/plain; charset=utf-8"
     await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", _JSON), (b"content-length", str(len(body)).encode()), *headers]})
+        (b"content-type", ctype), (b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
