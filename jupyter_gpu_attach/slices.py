@@ -6,7 +6,7 @@ Shared by the magics (parsing ``--memory 2GiB``), the client, the agent CLI and 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 _UNITS = {
@@ -122,7 +122,13 @@ class SliceRequest:
         return SliceRequest(gpus=1, pool=self.pool) if self.is_default else self
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        # By hand: dataclasses.asdict deep-copies each field, and this runs on every grant.
+        out: dict[str, Any] = {}
+        for k in _FIELDS:
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v
+        return out
 
     def describe(self) -> str:
         r = self.or_default()
@@ -135,3 +141,6 @@ class SliceRequest:
         else:
             what = f"{r.gpus} whole GPU{'s' if r.gpus != 1 else ''}"
         return what + (f" in pool {r.pool!r}" if r.pool else "")
+
+
+_FIELDS = tuple(f.name for f in fields(SliceRequest))

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -67,7 +68,7 @@ class GrantSigner:
         )
 
     def sign(self, claims: dict[str, Any]) -> str:
-        body = _b64e(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
+        body = _b64e(orjson.dumps(claims, option=orjson.OPT_SORT_KEYS))
         return body + "." + _b64e(self._key.sign(body.encode()))
 
 

@@ -464,3 +464,30 @@ def test_the_listing_the_database_writes_is_the_listing_python_builds(broker):
         assert pages >= (5 if who is ALICE and not kw and limit == 5 else 1)
     assert json.loads(broker.lease_page_bytes(ALICE))["leases"][0]["id"] == queued["id"]
     broker.release(ALICE, queued["id"])
+
+
+def test_a_grant_sees_every_change_to_the_pool_made_by_another_broker_on_the_database(tmp_path):
+    """Grants read the GPUs that are up from a cache checked against the inventory's version, so a
+    second broker (a replica) that registers or loses an agent is seen by the next grant here."""
+    engine = make_engine(str(tmp_path / "b.sqlite"))
+    a = Broker(Store(engine), GrantSigner.generate(), BrokerSettings(agent_timeout_s=0.2))
+    b = Broker(Store(make_engine(str(tmp_path / "b.sqlite"))), GrantSigner.generate())
+    a.register_agent("ag1", "127.0.0.1:1", devices(1), "t")
+    first = b.grant(ALICE, SliceRequest(gpus=1), "s1")
+    assert first["agent"]["id"] == "ag1"
+    with pytest.raises(NoCapacity):  # b's inventory now cached: one GPU, held
+        b.grant(ALICE, SliceRequest(gpus=1), "s2")
+    a.register_agent("ag2", "127.0.0.1:2", devices(1), "t")  # registered through the other broker
+    assert b.grant(ALICE, SliceRequest(gpus=1), "s2")["agent"]["id"] == "ag2"
+    b.release(ALICE, first["id"])
+    # An agent registered again at a new address (once the old one stopped beating): the grant
+    # names the new address.
+    time.sleep(0.3)
+    a.register_agent("ag1", "127.0.0.1:9", devices(1), "t")
+    assert b.grant(ALICE, SliceRequest(gpus=1), "s3")["agent"]["address"] == "127.0.0.1:9"
+    # Both agents stop beating and the other broker takes them down: nothing is up here either.
+    time.sleep(0.3)
+    a.reap()
+    with pytest.raises(NoCapacity) as e:
+        b.grant(ALICE, SliceRequest(fraction=0.1), "s4")
+    assert e.value.reason == "too_large" and "no GPU is up" in str(e.value)

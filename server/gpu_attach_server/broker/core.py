@@ -112,6 +112,7 @@ class Broker(WaitingRoom, Accounting):
                     conn.execute(update(gpus).where(gpus.c.id == gpu_id).values(**values))
                 else:
                     conn.execute(insert(gpus).values(id=gpu_id, **values))
+            self.store.inventory_changed(conn)
         return {
             "agent_id": agent_id,
             "incarnation": incarnation,
@@ -157,6 +158,7 @@ class Broker(WaitingRoom, Accounting):
             failed: list[str] = []
             if dead:
                 conn.execute(update(agents).where(agents.c.id.in_(dead)).values(state="down"))
+                self.store.inventory_changed(conn)
                 failed = self.store.end_leases(
                     conn, leases.c.agent_id.in_(dead), "failed",
                     f"agent stopped sending heartbeats for {self.settings.agent_timeout_s:g} s", t)
