@@ -151,6 +151,7 @@ def run_broker(args) -> int:
     from .broker.app import create_app
     from .broker.auth import TokenBook
     from .broker.core import Broker, BrokerSettings
+    from .broker.fast_path import http_protocol
     from .broker.store import Store, make_engine
     from .grant_tokens import GrantSigner
 
@@ -186,7 +187,8 @@ def run_broker(args) -> int:
     sock = _listen(args.host, args.port, args.fd)
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
-    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on")
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
+                            http=http_protocol(app.fast_path))
     server = uvicorn.Server(config)
     if args.exit_with_parent:
         _watch_parent(args.exit_with_parent, lambda: setattr(server, "should_exit", True))

@@ -54,27 +54,77 @@ def error_body(exc: BrokerError) -> dict[str, Any]:
     return {"detail": str(exc), "reason": exc.reason, **exc.extra}
 
 
+#: What the fast path takes a request for, decided from its head: (kind, caller, lease id).
+Taken = tuple[str, Principal, "str | None"]
+#: A response: status, headers (content-type and content-length included), body.
+Response = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
 class FastPath:
+    """Decides from a request's head whether to answer it (:meth:`take`), then answers it from
+    its body (:meth:`answer`). Two front ends share it: this ASGI middleware (in front of FastAPI,
+    for every ASGI server and in-process tests), and :func:`http_protocol` (the broker's own
+    server, ``gpu-attach broker``), which answers in the HTTP protocol itself."""
+
     def __init__(self, app, calls: LeaseCalls):
         self.app, self.calls = app, calls
+
+    def take(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> Taken | None:
+        """What to call for a request with this method, path (no query) and headers (lower-case
+        names); None for everything FastAPI must answer."""
+        if method == "POST" and path == "/v1/leases":
+            length = _header(headers, b"content-length")
+            ctype = _header(headers, b"content-type") or b""
+            if (length is None or not length.isdigit() or int(length) > MAX_FAST_BODY
+                    or _header(headers, b"transfer-encoding") is not None
+                    or not ctype.split(b";")[0].strip().lower() == _JSON):
+                return None
+            who = self._user(headers)
+            return None if who is None else ("grant", who, None)
+        if method in ("DELETE", "POST") and path.startswith("/v1/leases/"):
+            m = _LEASE_PATH.match(path)
+            if m is not None and (method == "DELETE") == (m.group(2) is None) and _no_body(headers):
+                who = self._user(headers)
+                if who is not None:
+                    return ("release" if method == "DELETE" else "renew", who, m.group(1))
+        return None
+
+    def answer(self, taken: Taken, body: bytes) -> Response | None:
+        """The response to a request :meth:`take` took, given its body; None when the body is not
+        a valid lease request (FastAPI answers it then, with the 422 that names the field)."""
+        kind, who, lease_id = taken
+        if kind == "grant":
+            try:
+                request = LeaseRequest.model_validate(orjson.loads(body))  # what FastAPI does with a JSON body
+            except (orjson.JSONDecodeError, ValidationError, ValueError, TypeError):
+                return None
+            return respond(lambda: self.calls.grant(who, request))
+        call = self.calls.release if kind == "release" else self.calls.renew
+        return respond(lambda: call(who, lease_id))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        method, path = scope["method"], scope["path"]
-        if method == "POST" and path == "/v1/leases":
-            return await self._grant(scope, receive, send)
-        if method in ("DELETE", "POST") and path.startswith("/v1/leases/"):
-            m = _LEASE_PATH.match(path)
-            if m is not None and (method == "DELETE") == (m.group(2) is None):
-                who = self._user(scope)
-                if who is not None and _no_body(scope):
-                    call = self.calls.release if method == "DELETE" else self.calls.renew
-                    return await _answer(send, lambda: call(who, m.group(1)))
-        return await self.app(scope, receive, send)
+        taken = self.take(scope["method"], scope["path"], scope["headers"])
+        if taken is None:
+            return await self.app(scope, receive, send)
+        chunks, more = [], taken[0] == "grant"
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client went away
+                return
+            chunks.append(msg.get("body", b""))
+            more = msg.get("more_body", False)
+        body = b"".join(chunks)
+        out = self.answer(taken, body)
+        if out is None:
+            return await self.app(scope, _replay(body, receive), send)
+        status, headers, payload = out
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
-    def _user(self, scope) -> Principal | None:
-        auth = _header(scope, b"authorization")
+    def _user(self, headers) -> Principal | None:
+        auth = _header(headers, b"authorization")
         if auth is None:
             return None
         scheme, _, token = auth.decode("latin-1").partition(" ")
@@ -83,30 +133,93 @@ class FastPath:
         who = self.calls.lookup()(token)
         return who if who is not None and who.role in ("user", "admin") else None
 
-    async def _grant(self, scope, receive, send):
-        length = _header(scope, b"content-length")
-        ctype = _header(scope, b"content-type") or b""
-        who = self._user(scope)
-        if (who is None or length is None or not length.isdigit() or int(length) > MAX_FAST_BODY
-                or not ctype.split(b";")[0].strip().lower() == _JSON):
-            return await self.app(scope, receive, send)
-        chunks, more = [], True
-        while more:
-            msg = await receive()
-            if msg["type"] != "http.request":  # the client went away
+
+def http_protocol(fast: FastPath):
+    """uvicorn's HTTP protocol (httptools) for ``gpu-attach broker``, except that a request the
+    fast path takes is answered in the protocol itself, with no ASGI cycle at all.
+
+    A request costs uvicorn about 0.15 ms of the broker's one core on its own (a scope, a
+    request-response cycle, a task, the messages), against 0.05 ms in a bare protocol
+    (benchmarks/broker_throughput.py measures the broker's CPU per grant+release). Everything
+    else goes through uvicorn unchanged, and so does a taken request whose body is not a valid
+    lease request, replayed into uvicorn's own callbacks. A request is taken only when uvicorn
+    would start it at once anyway: HTTP/1.1, no request of the connection still in flight
+    (pipelined ones stay in order), no ``Expect: 100-continue``, no query string or escapes.
+
+    This overrides uvicorn's parser callbacks, which are not a public API: where they are not
+    as expected, uvicorn's own protocol is returned (and a warning logged), so a uvicorn release
+    that changes them costs speed, not correctness. ``tests/broker/test_fast_http.py`` runs it
+    over a socket against the FastAPI answers."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+    except ImportError:  # no httptools: uvicorn chooses its own
+        log.warning("the broker's HTTP fast path needs httptools; serving every request through ASGI")
+        return "auto"
+    needed = ("on_message_begin", "on_headers_complete", "on_body", "on_message_complete",
+              "on_response_complete", "_unset_keepalive_if_required")
+    if not all(callable(getattr(HttpToolsProtocol, n, None)) for n in needed):
+        log.warning("uvicorn's HTTP protocol is not the one the broker's fast path knows; serving "
+                    "every request through ASGI")
+        return HttpToolsProtocol
+
+    class FastHttpProtocol(HttpToolsProtocol):
+        _taken: Taken | None = None
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._taken = None
+
+        def on_headers_complete(self) -> None:
+            url = self.url
+            if (b"?" not in url and b"%" not in url and url.startswith(b"/v1/leases")
+                    and not self.pipeline and (self.cycle is None or self.cycle.response_complete)
+                    and not self.expect_100_continue and not self.parser.should_upgrade()
+                    and self.parser.get_http_version() == "1.1"):
+                taken = fast.take(self.parser.get_method().decode("ascii"), url.decode("ascii"), self.headers)
+                if taken is not None:
+                    self._taken, self._chunks = taken, []
+                    return
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if self._taken is not None:
+                self._chunks.append(body)  # at most MAX_FAST_BODY: take() read its length
+            else:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            taken = self._taken
+            if taken is None:
+                return super().on_message_complete()
+            self._taken = None
+            body = b"".join(self._chunks)
+            out = fast.answer(taken, body)
+            if out is None:  # FastAPI's after all: replayed as uvicorn would have seen it
+                super().on_headers_complete()
+                if body:
+                    super().on_body(body)
+                super().on_message_complete()
                 return
-            chunks.append(msg.get("body", b""))
-            more = msg.get("more_body", False)
-        body = b"".join(chunks)
-        try:
-            parsed = orjson.loads(body)
-            request = LeaseRequest.model_validate(parsed)  # what FastAPI does with a JSON body
-        except (orjson.JSONDecodeError, ValidationError, ValueError, TypeError):
-            return await self.app(scope, _replay(body, receive), send)
-        return await _answer(send, lambda: self.calls.grant(who, request))
+            status, headers, payload = out
+            keep_alive = self.parser.should_keep_alive()
+            parts = [STATUS_LINE[status]]
+            for name, value in (*self.server_state.default_headers, *headers):
+                parts += [name, b": ", value, b"\r\n"]
+            if not keep_alive:
+                parts.append(b"connection: close\r\n")
+            parts += [b"\r\n", payload]
+            self.transport.write(b"".join(parts))
+            if keep_alive:
+                self.on_response_complete()  # counts it, resumes reading, arms the keep-alive timer
+            else:
+                self.server_state.total_requests += 1
+                self.transport.close()
+
+    return FastHttpProtocol
 
 
-async def _answer(send, call: Callable[[], tuple[int, dict]]) -> None:
+def respond(call: Callable[[], tuple[int, dict]]) -> Response:
+    """Run a shared handler and encode its answer, or its error, as the FastAPI route would."""
     headers: list[tuple[bytes, bytes]] = []
     ctype = _JSON
     try:
@@ -120,21 +233,19 @@ async def _answer(send, call: Callable[[], tuple[int, dict]]) -> None:
     except Exception:  # a bug: answered as Starlette's ServerErrorMiddleware would, and logged
         log.exception("the fast path failed to answer a lease request")
         status, body, ctype = 500, b"Internal Server Error", b"text/plain; charset=utf-8"
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", ctype), (b"content-length", str(len(body)).encode()), *headers]})
-    await send({"type": "http.response.body", "body": body})
+    return status, [(b"content-type", ctype), (b"content-length", str(len(body)).encode()), *headers], body
 
 
-def _header(scope, name: bytes) -> bytes | None:
-    for k, v in scope["headers"]:
+def _header(headers, name: bytes) -> bytes | None:
+    for k, v in headers:
         if k == name:
             return v
     return None
 
 
-def _no_body(scope) -> bool:
-    length = _header(scope, b"content-length")
-    return _header(scope, b"transfer-encoding") is None and length in (None, b"0")
+def _no_body(headers) -> bool:
+    length = _header(headers, b"content-length")
+    return _header(headers, b"transfer-encoding") is None and length in (None, b"0")
 
 
 def _replay(body: bytes, receive) -> Callable[[], Awaitable[dict]]:
