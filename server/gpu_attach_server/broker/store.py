@@ -145,9 +145,9 @@ def make_engine(url_or_path: str) -> Engine:
     return engine
 
 
-#: How long a truncating checkpoint waits for the readers in flight, then for the writer.
+#: How long a restarting checkpoint waits for the readers in flight, then for the writer.
 CHECKPOINT_GAP_WAIT_S = 0.05
-#: WAL frames (pages) above which the checkpoint truncates the WAL (1 KiB pages: ~32 MiB).
+#: WAL frames (pages) above which the checkpoint restarts the WAL (1 KiB pages: ~32 MiB).
 WAL_RESTART_FRAMES = 32768
 
 
@@ -246,7 +246,8 @@ class Store:
         under steady grants something new is always appended meanwhile: at 1,000 grants a second
         the file grew by ~20 MB/s for as long as the load lasted. So once it holds more than
         :data:`WAL_RESTART_FRAMES`, the checkpoint waits for a gap between readers, holds writers
-        back for the moment it takes to copy the last frames, and truncates the WAL."""
+        back while it copies the last frames (2-10 ms measured; truncating the file as well took
+        13-24 ms), and has the WAL start again from its beginning: the file stays that size."""
         if not self.is_sqlite:
             return
         with self.engine.connect() as conn:
@@ -261,7 +262,7 @@ class Store:
                     db = conn.connection.driver_connection
                     db.execute(f"PRAGMA busy_timeout={int(CHECKPOINT_GAP_WAIT_S * 1000)}")  # another process
                     try:
-                        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                        db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
                     finally:
                         db.execute("PRAGMA busy_timeout=30000")
             finally:
