@@ -1,5 +1,6 @@
 """Unit tests for gpu_attach_server.broker.core.Broker over a real SQLite file."""
 
+import asyncio
 import threading
 import time
 
@@ -452,7 +453,7 @@ def test_the_listing_the_database_writes_is_the_listing_python_builds(broker):
         before, pages = None, 0
         while True:
             want = broker.lease_page(who, before=before, limit=limit, **kw)
-            got = json.loads(broker.lease_page_bytes(who, before=before, limit=limit, **kw))
+            got = json.loads(asyncio.run(broker.lease_page_bytes(who, before=before, limit=limit, **kw)))
             assert got == want
             # The same types too (1/3 and timestamps read back as the same doubles).
             assert [{k: type(v) for k, v in x.items() if k != "fraction"} for x in got["leases"]] == [
@@ -462,7 +463,7 @@ def test_the_listing_the_database_writes_is_the_listing_python_builds(broker):
                 break
             before = got["next"]
         assert pages >= (5 if who is ALICE and not kw and limit == 5 else 1)
-    assert json.loads(broker.lease_page_bytes(ALICE))["leases"][0]["id"] == queued["id"]
+    assert json.loads(asyncio.run(broker.lease_page_bytes(ALICE)))["leases"][0]["id"] == queued["id"]
     broker.release(ALICE, queued["id"])
 
 

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.openapi.utils import get_openapi
 
 from .. import __version__
-from . import agents, schemas
+from . import agents, listing_worker, schemas
 from .background import in_background
 from .fast_path import FastPath, LeaseCalls, error_body
 from .auth import Principal, TokenBook
@@ -116,6 +116,7 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
         threading.Thread(target=checkpointer, name="wal-checkpoint", daemon=True).start()
         yield
         stop.set()
+        listing_worker.shutdown()
 
     app = BrokerApp(title="jupyter-gpu-attach broker", version=__version__, lifespan=lifespan)
     app.add_middleware(BodyLimit)
@@ -197,9 +198,9 @@ def create_app(broker: Broker, tokens: TokenBook, reap_interval_s: float | None 
         limit: int = Query(100, ge=1, le=1000),
     ):
         """The caller's leases (an admin's: everyone's), newest first, one page at a time. The page
-        is read on a low-priority thread (background.py), off the event loop that serves grants,
+        is read by the listing worker, a process at the lowest CPU priority (listing_worker.py),
         and written as JSON by the database itself (see Store.lease_page_json)."""
-        body = await in_background(broker.lease_page_bytes, who, state, session, before, limit)
+        body = await broker.lease_page_bytes(who, state, session, before, limit)
         return Response(body, media_type="application/json")
 
     @app.get("/v1/leases/{lease_id}", responses={

@@ -1,32 +1,26 @@
-"""Work the broker does beside grants (listings, reports, WAL checkpoints), at low CPU priority.
+"""Work the broker does beside grants (listings, reports), off the event loop.
 
-The broker serves every grant and release from one event loop. Listings and reports run on
-threads whose nice value is the lowest (Linux gives each thread its own), so however hard
-somebody pages through leases, the OS runs the loop that grants first. Most of a listing's work
-is done by the database with the GIL released (``Store.lease_page_json``), where that priority
-applies.
+The broker serves every grant and release from one event loop. Listings and reports run on a
+small pool of threads instead, and most of a listing's work is done by the database with the GIL
+released (``Store.lease_page_json`` returns a whole page as one row), so it runs on the other core
+while the loop grants.
+
+The threads keep the normal CPU priority, on purpose. They were once at the lowest (nice 19), so
+that the OS would run the loop first; but a thread that asks for the GIL makes the thread holding
+it (the loop) let go and wait until it has been scheduled to take it, and on a busy machine a
+nice-19 thread is scheduled last: every grant then waited behind it (paced grant p99 of 100s of ms
+in ``benchmarks/broker_throughput.py``). Two threads bound how much of the machine listings take.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-
-def lower_priority() -> None:
-    """Run the calling thread at the lowest CPU priority (elsewhere than Linux: unchanged)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass
-
-
-_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="broker-background", initializer=lower_priority)
+_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="broker-background")
 
 
 async def in_background(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` on a low-priority thread, awaited."""
+    """``fn(*args)`` on a background thread, awaited."""
     return await asyncio.get_running_loop().run_in_executor(_POOL, lambda: fn(*args))

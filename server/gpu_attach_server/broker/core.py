@@ -18,7 +18,7 @@ from sqlalchemy import and_, insert, select, update
 from jupyter_gpu_attach.slices import SliceRequest
 
 from ..grant_tokens import GrantSigner
-from . import queue, scheduler
+from . import listing_worker, queue, scheduler
 from .accounting import Accounting, BrokerEvents
 from .auth import Principal
 from .errors import BrokerError, Conflict, Forbidden, NoCapacity, NotFound, OverQuota  # noqa: F401 (re-exported)
@@ -410,19 +410,19 @@ class Broker(WaitingRoom, Accounting):
         last = (rows[-1]["created_at"], rows[-1]["id"]) if rows else None
         return {"leases": waiting + [_page_json(r) for r in rows], "next": _next_cursor(last, len(rows), limit)}
 
-    def lease_page_bytes(self, who: Principal, state: str | None = None, session: str | None = None,
-                         before: str | None = None, limit: int = 100) -> bytes:
+    async def lease_page_bytes(self, who: Principal, state: str | None = None, session: str | None = None,
+                               before: str | None = None, limit: int = 100) -> bytes:
         """:meth:`lease_page` as the JSON document the listing route sends, with each lease's JSON
-        written by the database (``Store.lease_page_json``), not parsed and encoded again here."""
+        written by the database (``Store.lease_page_json``) in the listing worker process
+        (``listing_worker.py``), not parsed and encoded again here."""
         owner, cursor, waiting = self._page_scope(who, state, session, before)
         if state == "queued":
             return orjson.dumps({"leases": waiting[:limit], "next": None})
-        with self.store.read() as conn:
-            array, n, last = self.store.lease_page_json(conn, owner, state, session, cursor, limit)
+        array, n, last = await listing_worker.lease_page_json(self.store, owner, state, session, cursor, limit)
         if waiting:  # in memory, not in the table: they go first
             items = [orjson.dumps(w).decode() for w in waiting] + ([array[1:-1]] if n else [])
             array = "[" + ",".join(items) + "]"
-        nxt = orjson.dumps(_next_cursor(last, n, limit)).decode()
+        nxt = orjson.dumps(_next_cursor(tuple(last) if last else None, n, limit)).decode()
         return ('{"leases":' + array + ',"next":' + nxt + "}").encode()
 
     def _page_scope(self, who: Principal, state, session, before, user: str | None = None, queued: bool = True):

@@ -182,6 +182,20 @@ class ReaderGap:
                     self._cv.notify_all()
 
     @contextmanager
+    def elsewhere(self) -> Iterator[None]:
+        """Count a read made by another process (the listing worker) for as long as it lasts,
+        without waiting for a gap: the event loop that asks must not block."""
+        with self._cv:
+            self._open += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._open -= 1
+                if self._open == 0:
+                    self._cv.notify_all()
+
+    @contextmanager
     def gap(self, wait_s: float) -> Iterator[bool]:
         """Hold new readers back and wait up to ``wait_s`` for the open ones; yield whether none
         is open."""
@@ -218,6 +232,21 @@ class Store:
         with engine.begin() as conn:  # and loses the one they made redundant
             conn.exec_driver_sql("DROP INDEX IF EXISTS ix_leases_user")
         self._add_missing_columns()
+
+    @classmethod
+    def reader(cls, engine: Engine) -> "Store":
+        """A Store that only reads a database another process keeps (the listing worker): no
+        schema work at open."""
+        store = cls.__new__(cls)
+        store.engine = engine
+        store.is_sqlite = engine.dialect.name == "sqlite"
+        store._write_lock = threading.Lock()
+        store._qmark = engine.dialect.paramstyle == "qmark"
+        store._sql_cache = {}
+        store._hot_db = None
+        store._up_cache = None
+        store._readers = ReaderGap()
+        return store
 
     def _add_missing_columns(self) -> None:
         """Columns added since a database was made: added to it, with their defaults."""
@@ -260,13 +289,20 @@ class Store:
             try:
                 with self.engine.connect() as conn:
                     db = conn.connection.driver_connection
-                    db.execute(f"PRAGMA busy_timeout={int(CHECKPOINT_GAP_WAIT_S * 1000)}")  # another process
+                    # Not waiting for a reader that was not counted (another broker's, say): then
+                    # it copies, and starts over next time.
+                    db.execute("PRAGMA busy_timeout=0")
                     try:
                         db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
                     finally:
                         db.execute("PRAGMA busy_timeout=30000")
             finally:
                 self._write_lock.release()
+
+    def read_elsewhere(self):
+        """A context for the time another process reads this database for us (counted as a reader
+        by the checkpoint, which does not start the WAL over under it)."""
+        return self._readers.elsewhere()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
