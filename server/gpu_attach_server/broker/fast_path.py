@@ -146,10 +146,11 @@ def http_protocol(fast: FastPath):
     would start it at once anyway: HTTP/1.1, no request of the connection still in flight
     (pipelined ones stay in order), no ``Expect: 100-continue``, no query string or escapes.
 
-    This overrides uvicorn's parser callbacks, which are not a public API: where they are not
-    as expected, uvicorn's own protocol is returned (and a warning logged), so a uvicorn release
-    that changes them costs speed, not correctness. ``tests/broker/test_fast_http.py`` runs it
-    over a socket against the FastAPI answers."""
+    This overrides uvicorn's parser callbacks and reads a few of its attributes, none of them a
+    public API. Where the callbacks are missing, uvicorn's own protocol is returned (and a
+    warning logged). A release that kept them but changed what they do or the attributes read
+    here would fail ``tests/broker/test_fast_http.py``, which runs this over a socket against
+    the FastAPI answers, in CI with the newest uvicorn the project allows."""
     try:
         from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
     except ImportError:  # no httptools: uvicorn chooses its own
