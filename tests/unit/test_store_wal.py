@@ -18,7 +18,7 @@ import pytest
 from gpu_attach_server.broker import store as store_mod
 from gpu_attach_server.broker.auth import Principal
 from gpu_attach_server.broker.core import Broker
-from gpu_attach_server.broker.store import ReaderGap, Store, make_engine
+from gpu_attach_server.broker.store import ReaderCount, Store, make_engine
 from gpu_attach_server.grant_tokens import GrantSigner
 from jupyter_gpu_attach.slices import SliceRequest
 
@@ -80,9 +80,10 @@ def test_another_process_writing_without_pause_neither_breaks_nor_stalls_the_che
     finally:
         writer.kill()
         writer.wait()
-    # Bounded: the limit and about one interval of writes past it.
-    assert max(frames[5:]) < 3 * max(store_mod.WAL_RESTART_FRAMES, max(frames[:5])), frames
-    assert frames[-1] < frames[5] or min(frames[5:]) < store_mod.WAL_RESTART_FRAMES, frames
+    # Bounded: it started over again and again (a WAL that never did would hold every frame of
+    # the 1.5 s, tens of thousands), never more than a few intervals of writes past the limit.
+    assert min(frames[5:]) < store_mod.WAL_RESTART_FRAMES, frames
+    assert max(frames) < 25 * store_mod.WAL_RESTART_FRAMES, frames
     cycles(broker, 3)  # and grants go on after it
 
 
@@ -123,30 +124,28 @@ def test_over_the_limit_the_checkpoint_restarts_the_wal_unless_a_reader_is_in_fl
     assert wal_frames(broker) < 100  # started over
 
 
-def test_the_reader_gap_lets_a_thread_that_reads_read_again_and_holds_new_readers():
-    gap = ReaderGap()
-    order = []
-    with gap.reader():
-        done = threading.Event()
+def test_readers_never_wait_and_the_checkpoint_waits_only_a_moment_for_none_to_be_open():
+    count = ReaderCount()
+    with count.reading():
+        t0 = time.perf_counter()
+        assert count.none_within(0.05) is False
+        assert 0.04 < time.perf_counter() - t0 < 1.0
+        t0 = time.perf_counter()
+        with count.reading():  # another read meanwhile does not wait
+            assert time.perf_counter() - t0 < 0.01
+    assert count.none_within(0.0) is True
+    # A read that ends while the checkpoint waits lets it go at once.
+    done = threading.Event()
 
-        def checkpointer():
-            with gap.gap(1.0) as clear:
-                order.append(("gap", clear))
-                time.sleep(0.1)
+    def read_briefly():
+        with count.reading():
             done.set()
+            time.sleep(0.1)
 
-        c = threading.Thread(target=checkpointer)
-        c.start()
-        time.sleep(0.05)
-        with gap.reader():  # nested in this thread: does not wait for the pending gap
-            order.append("nested")
-    def late_reader():
-        with gap.reader():
-            order.append("late")
-
-    c2 = threading.Thread(target=late_reader)
-    time.sleep(0.02)
-    c2.start()
-    c.join()
-    c2.join()
-    assert order == ["nested", ("gap", True), "late"]
+    t = threading.Thread(target=read_briefly)
+    t.start()
+    done.wait()
+    t0 = time.perf_counter()
+    assert count.none_within(5.0) is True
+    assert time.perf_counter() - t0 < 1.0
+    t.join()

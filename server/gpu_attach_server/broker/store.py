@@ -145,46 +145,23 @@ def make_engine(url_or_path: str) -> Engine:
     return engine
 
 
-#: How long a restarting checkpoint waits for the readers in flight, then for the writer.
+#: How long a restarting checkpoint waits for a moment with no reader, then for the writer.
 CHECKPOINT_GAP_WAIT_S = 0.05
 #: WAL frames (pages) above which the checkpoint restarts the WAL (1 KiB pages: ~32 MiB).
 WAL_RESTART_FRAMES = 32768
 
 
-class ReaderGap:
-    """Lets a checkpoint run while no :meth:`Store.read` is open: readers come and go freely,
-    except that once a checkpoint asks for a gap, new readers wait until it has run (or until it
-    gave up waiting for the readers in flight, after ``wait_s``). A thread that already reads may
-    open another read without waiting."""
+class ReaderCount:
+    """How many reads of the database are open: this process's (:meth:`Store.read`), and those the
+    listing worker makes for it (:meth:`Store.read_elsewhere`). A checkpoint waits a moment for
+    none to be open; readers themselves never wait (one may be the event loop)."""
 
     def __init__(self):
         self._cv = threading.Condition()
         self._open = 0
-        self._pending = False
-        self._mine = threading.local()
 
     @contextmanager
-    def reader(self) -> Iterator[None]:
-        depth = getattr(self._mine, "depth", 0)
-        with self._cv:
-            if depth == 0:
-                while self._pending:
-                    self._cv.wait()
-            self._open += 1
-        self._mine.depth = depth + 1
-        try:
-            yield
-        finally:
-            self._mine.depth = depth
-            with self._cv:
-                self._open -= 1
-                if self._open == 0:
-                    self._cv.notify_all()
-
-    @contextmanager
-    def elsewhere(self) -> Iterator[None]:
-        """Count a read made by another process (the listing worker) for as long as it lasts,
-        without waiting for a gap: the event loop that asks must not block."""
+    def reading(self) -> Iterator[None]:
         with self._cv:
             self._open += 1
         try:
@@ -195,19 +172,10 @@ class ReaderGap:
                 if self._open == 0:
                     self._cv.notify_all()
 
-    @contextmanager
-    def gap(self, wait_s: float) -> Iterator[bool]:
-        """Hold new readers back and wait up to ``wait_s`` for the open ones; yield whether none
-        is open."""
+    def none_within(self, wait_s: float) -> bool:
+        """Whether, within ``wait_s``, a moment came with no read open."""
         with self._cv:
-            self._pending = True
-            clear = self._cv.wait_for(lambda: self._open == 0, wait_s)
-        try:
-            yield clear
-        finally:
-            with self._cv:
-                self._pending = False
-                self._cv.notify_all()
+            return self._cv.wait_for(lambda: self._open == 0, wait_s)
 
 
 class Store:
@@ -223,7 +191,7 @@ class Store:
         self._sql_cache: dict[str, str] = {}
         self._hot_db = None
         self._up_cache: tuple[int, list[dict[str, Any]]] | None = None
-        self._readers = ReaderGap()
+        self._readers = ReaderCount()
         metadata.create_all(engine)
         with engine.begin() as conn:
             conn.exec_driver_sql("INSERT INTO inventory (id, version) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
@@ -245,7 +213,7 @@ class Store:
         store._sql_cache = {}
         store._hot_db = None
         store._up_cache = None
-        store._readers = ReaderGap()
+        store._readers = ReaderCount()
         return store
 
     def _add_missing_columns(self) -> None:
@@ -274,7 +242,7 @@ class Store:
         its beginning only when a write begins after a checkpoint that copied everything, and
         under steady grants something new is always appended meanwhile: at 1,000 grants a second
         the file grew by ~20 MB/s for as long as the load lasted. So once it holds more than
-        :data:`WAL_RESTART_FRAMES`, the checkpoint waits for a gap between readers, holds writers
+        :data:`WAL_RESTART_FRAMES`, the checkpoint waits for a moment with no reader, holds writers
         back while it copies the last frames (2-10 ms measured; truncating the file as well took
         13-24 ms), and has the WAL start again from its beginning: the file stays that size."""
         if not self.is_sqlite:
@@ -283,30 +251,31 @@ class Store:
             _, frames, _ = conn.connection.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         if frames < WAL_RESTART_FRAMES:
             return
-        with self._readers.gap(CHECKPOINT_GAP_WAIT_S) as clear:
-            if not clear or not self._write_lock.acquire(timeout=CHECKPOINT_GAP_WAIT_S):
-                return  # readers or a long write in the way: next time
-            try:
-                with self.engine.connect() as conn:
-                    db = conn.connection.driver_connection
-                    # Not waiting for a reader that was not counted (another broker's, say): then
-                    # it copies, and starts over next time.
-                    db.execute("PRAGMA busy_timeout=0")
-                    try:
-                        db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-                    finally:
-                        db.execute("PRAGMA busy_timeout=30000")
-            finally:
-                self._write_lock.release()
+        # A reader that starts after this moment makes the restart give up (busy), not wait.
+        if not self._readers.none_within(CHECKPOINT_GAP_WAIT_S) or \
+                not self._write_lock.acquire(timeout=CHECKPOINT_GAP_WAIT_S):
+            return  # readers or a long write in the way: next time
+        try:
+            with self.engine.connect() as conn:
+                db = conn.connection.driver_connection
+                # Not waiting for a reader that was not counted (another broker's, say): then it
+                # copies, and starts over next time.
+                db.execute("PRAGMA busy_timeout=0")
+                try:
+                    db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                finally:
+                    db.execute("PRAGMA busy_timeout=30000")
+        finally:
+            self._write_lock.release()
 
     def read_elsewhere(self):
         """A context for the time another process reads this database for us (counted as a reader
         by the checkpoint, which does not start the WAL over under it)."""
-        return self._readers.elsewhere()
+        return self._readers.reading()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        with self._readers.reader(), self.engine.connect() as conn:
+        with self._readers.reading(), self.engine.connect() as conn:
             yield conn
             conn.rollback()
 
