@@ -422,7 +422,7 @@ class Broker(WaitingRoom, Accounting):
         if waiting:  # in memory, not in the table: they go first
             items = [orjson.dumps(w).decode() for w in waiting] + ([array[1:-1]] if n else [])
             array = "[" + ",".join(items) + "]"
-        nxt = orjson.dumps(_next_cursor(tuple(last) if last else None, n, limit)).decode()
+        nxt = orjson.dumps(_next_cursor(last, n, limit)).decode()
         return ('{"leases":' + array + ',"next":' + nxt + "}").encode()
 
     def _page_scope(self, who: Principal, state, session, before, user: str | None = None, queued: bool = True):

@@ -181,7 +181,9 @@ class ReaderCount:
 class Store:
     """Typed access to the tables; callers group calls in :meth:`write` or :meth:`read`."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, schema: bool = True):
+        """``schema``: create what is missing and bring an older database up to date (False: a
+        reader of a database another process keeps, as the listing worker is)."""
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
         # One writer at a time inside this process saves SQLite's busy-wait; other processes
@@ -192,29 +194,22 @@ class Store:
         self._hot_db = None
         self._up_cache: tuple[int, list[dict[str, Any]]] | None = None
         self._readers = ReaderCount()
-        metadata.create_all(engine)
-        with engine.begin() as conn:
-            conn.exec_driver_sql("INSERT INTO inventory (id, version) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
-        for index in LISTING_INDEXES:  # a database made before these indexes existed gets them now
-            index.create(engine, checkfirst=True)
-        with engine.begin() as conn:  # and loses the one they made redundant
-            conn.exec_driver_sql("DROP INDEX IF EXISTS ix_leases_user")
-        self._add_missing_columns()
+        if schema:
+            self._prepare_schema()
 
     @classmethod
     def reader(cls, engine: Engine) -> "Store":
-        """A Store that only reads a database another process keeps (the listing worker): no
-        schema work at open."""
-        store = cls.__new__(cls)
-        store.engine = engine
-        store.is_sqlite = engine.dialect.name == "sqlite"
-        store._write_lock = threading.Lock()
-        store._qmark = engine.dialect.paramstyle == "qmark"
-        store._sql_cache = {}
-        store._hot_db = None
-        store._up_cache = None
-        store._readers = ReaderCount()
-        return store
+        """A Store that only reads a database another process keeps (the listing worker)."""
+        return cls(engine, schema=False)
+
+    def _prepare_schema(self) -> None:
+        metadata.create_all(self.engine)
+        for index in LISTING_INDEXES:  # a database made before these indexes existed gets them now
+            index.create(self.engine, checkfirst=True)
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO inventory (id, version) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
+            conn.exec_driver_sql("DROP INDEX IF EXISTS ix_leases_user")  # made redundant by ix_leases_user_created
+        self._add_missing_columns()
 
     def _add_missing_columns(self) -> None:
         """Columns added since a database was made: added to it, with their defaults."""
