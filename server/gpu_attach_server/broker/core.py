@@ -10,7 +10,7 @@ import secrets
 import threading
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import and_, insert, select, update
@@ -70,6 +70,7 @@ class Broker(WaitingRoom, Accounting):
         self._busy: dict[str, float] = defaultdict(float)  # lease id -> cell seconds not yet stored
         self._last_beat: dict[str, float] = {}
         self.running: dict[str, frozenset[str]] = {}  # agent id -> leases whose cell ran at its last beat
+        self._view: _UpView | None = None  # the grantable GPUs, made again when they change (_up_view)
         self.fair_share = queue.FairShare(self.settings.fair_share_half_life_s)
         with self.store.read() as conn:
             self.policy = Policy.load(conn)
@@ -215,11 +216,12 @@ class Broker(WaitingRoom, Accounting):
     def _grant_now(self, user: str, request: SliceRequest, session: str, label: str, t: float) -> dict:
         with self.store.hot() as conn:
             self.store.lock_gpus(conn)
-            up = self._up(conn)
+            view = self._up_view(conn)
+            up = view.rows
             allocs = self.store.active_allocations(conn, t)
             try:
                 placement = scheduler.place(
-                    request, [scheduler.gpu_from_row(r) for r in up],
+                    request, view.gpus,
                     [scheduler.Allocation(a[0], a[1]) for a in allocs],
                     prefer_gpu_ids=self._affinity.get((user, session), frozenset()))
             except scheduler.NoFit as e:
@@ -262,7 +264,11 @@ class Broker(WaitingRoom, Accounting):
             label=label[:256]),
             [(g.id, g.memory if whole else placement.memory_per_gpu) for g in placement.gpus])
         self._remember(user, session, frozenset(g.id for g in placement.gpus))
-        devices = [_device_json(next(r for r in up if r["id"] == g.id)) for g in placement.gpus]
+        view = self._view
+        if view is not None and view.rows is up:
+            devices = [dict(view.devices[g.id]) for g in placement.gpus]
+        else:
+            devices = [_device_json(next(r for r in up if r["id"] == g.id)) for g in placement.gpus]
         return dict(id=lease_id, user=user, session=session, first=first, devices=devices,
                     placement=placement, granted_at=t, expires_at=expires)
 
@@ -289,9 +295,20 @@ class Broker(WaitingRoom, Accounting):
 
     def _up(self, conn) -> list[dict[str, Any]]:
         """GPUs that may take new grants: present, on an agent that is up, and not drained."""
-        up = self.store.gpus_up(conn)
-        drained = self.policy.drained
-        return [r for r in up if r["id"] not in drained and r["agent_id"] not in drained] if drained else up
+        return self._up_view(conn).rows
+
+    def _up_view(self, conn) -> "_UpView":
+        """:meth:`_up` with what placing and granting derive from it, derived again only when the
+        inventory (``Store.gpus_up`` returns the same list until it changes) or the policy (its
+        drains) is another object than last time: not at every grant."""
+        rows, policy = self.store.gpus_up(conn), self.policy
+        view = self._view
+        if view is None or view.inventory is not rows or view.policy is not policy:
+            drained = policy.drained
+            up = [r for r in rows if r["id"] not in drained and r["agent_id"] not in drained] if drained else rows
+            view = self._view = _UpView(rows, policy, up, [scheduler.gpu_from_row(r) for r in up],
+                                        {r["id"]: _device_json(r) for r in up})
+        return view
 
     # -- lease lifetime -------------------------------------------------------------------------
 
@@ -522,6 +539,14 @@ def _borrow_note(refusal: Refusal) -> dict:
     """What a borrowed grant says of itself: the quota it is above, and the numbers."""
     return {**refusal.to_json(), "note": "granted above the quota on idle capacity; the lease is not renewed "
                                          "once another request waits, so a long cell may be stopped"}
+
+
+class _UpView(NamedTuple):
+    inventory: list  # Store.gpus_up's list, kept so that identity compares true only for it
+    policy: Any
+    rows: list  # those not drained
+    gpus: list  # as scheduler.GPU
+    devices: dict  # id -> _device_json (copied before it is handed out)
 
 
 def _device_json(r: dict) -> dict:

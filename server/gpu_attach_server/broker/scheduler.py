@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from jupyter_gpu_attach.slices import SliceRequest, format_size
 
@@ -27,8 +28,7 @@ class GPU:
     mig: str | None = None  # the profile, when this is a MIG instance of a GPU in MIG mode
 
 
-@dataclass(frozen=True)
-class Allocation:
+class Allocation(NamedTuple):  # one per lease slot at each grant: a tuple is made ~5x faster
     gpu_id: str
     memory: int
 

@@ -46,7 +46,8 @@ class WaitingRoom:
         granted: list[tuple[queue.Waiter, dict]] = []
         with self.store.hot() as conn:
             self.store.lock_gpus(conn)
-            up = self._up(conn)
+            view = self._up_view(conn)
+            up = view.rows
             allocs = self.store.active_allocations(conn, t)
             ordered = self._ranked(t)
             held = in_use(allocs)
@@ -69,7 +70,7 @@ class WaitingRoom:
                 return True
 
             every = [scheduler.gpu_from_row(r) for r in self.store.gpus_up(conn)] if self.policy.drained else None
-            plan = queue.plan(ordered, [scheduler.gpu_from_row(r) for r in up],
+            plan = queue.plan(ordered, view.gpus,
                               [scheduler.Allocation(a[0], a[1]) for a in allocs], admissible,
                               lambda w: self._affinity.get((w.user, w.session), frozenset()), every)
             for w, placement in plan.grants:
