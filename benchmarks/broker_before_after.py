@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,9 +41,7 @@ def one(tree: Path, seconds: float) -> tuple[float, float, float]:
         paced = bt.measure(url, "lease", 100, 2, seconds, False, rate=400, client="lean", broker_pid=proc.pid)
         sat = bt.measure(url, "lease", 100, 2, seconds, True, client="lean", broker_pid=proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-        shutil.rmtree(state, ignore_errors=True)
+        bt.stop_broker(proc, state)
     return paced["broker_cpu_ms_per_cycle"], sat["cycles_per_s"], sat["broker_cpu_ms_per_cycle"]
 
 

@@ -84,6 +84,13 @@ def start_broker(state: str) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
+def stop_broker(proc: subprocess.Popen, state: str) -> None:
+    """Stop a broker from :func:`start_broker` as a site does (SIGTERM) and remove its state."""
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(10)
+    shutil.rmtree(state, ignore_errors=True)
+
+
 def client_process(url: str, threads: int, first: int, mode: str, start_at: float, stop_at: float,
                    rate: float | None, out) -> None:
     """``threads`` clients in this process, each at ``rate`` cycles/s (None: back to back); put
@@ -295,9 +302,7 @@ def main() -> int:
         base_paced, paced = pairs[order[len(order) // 2]]
         p99s = [pairs[i][1]["p99_ms"] for i in order]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-        shutil.rmtree(state, ignore_errors=True)
+        stop_broker(proc, state)
     print(f"broker throughput on {platform.node()} ({os.cpu_count()} CPUs), {args.clients} clients in "
           f"{args.processes} processes, {args.seconds:g} s each, `gpu-attach broker --port` (SQLite)")
     print(f"{'':56s} {'cycles/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'broker CPU':>11s}  listings of 1000")

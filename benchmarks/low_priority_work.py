@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -88,9 +86,7 @@ def main() -> int:
                 print(f"  {label[kind]:<40} p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:8.2f} ms", flush=True)
         lower = sum(i < n for i, n in zip(p99["idle"], p99["nice19"]))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-        shutil.rmtree(state, ignore_errors=True)
+        bt.stop_broker(proc, state)
     print(f"\ngrant latency at {args.rate:g} cycles/s paced, `gpu-attach broker --port`, Linux {platform.release()}, "
           f"{os.cpu_count()} CPUs; median of {args.repeats}:")
     for kind in kinds:
