@@ -217,7 +217,6 @@ class Broker(WaitingRoom, Accounting):
         with self.store.hot() as conn:
             self.store.lock_gpus(conn)
             view = self._up_view(conn)
-            up = view.rows
             allocs = self.store.active_allocations(conn, t)
             try:
                 placement = scheduler.place(
@@ -225,7 +224,7 @@ class Broker(WaitingRoom, Accounting):
                     [scheduler.Allocation(a[0], a[1]) for a in allocs],
                     prefer_gpu_ids=self._affinity.get((user, session), frozenset()))
             except scheduler.NoFit as e:
-                if e.never and self.policy.drained and self._fits_undrained(conn, request):
+                if e.never and self.policy.drained and self._fits_undrained(view, request):
                     raise NoCapacity(f"{e} while GPUs are drained by an admin; wait, or ask them to undrain",
                                      never=False) from None
                 raise NoCapacity(str(e), e.never) from None
@@ -241,15 +240,15 @@ class Broker(WaitingRoom, Accounting):
                         raise OverQuota(refusal)
                     borrowed = refusal
             lease_id = "L" + secrets.token_hex(6)
-            record = self._record(conn, up, user, session, label, request, placement, t, lease_id)
+            record = self._record(conn, view, user, session, label, request, placement, t, lease_id)
             if borrowed is not None:
                 self._borrowed[lease_id] = borrowed
                 record["borrowed"] = borrowed
             return record
 
-    def _record(self, conn, up, user, session, label, request, placement, t, lease_id) -> dict:
+    def _record(self, conn, view: "_UpView", user, session, label, request, placement, t, lease_id) -> dict:
         """Insert a granted lease (inside the caller's grant transaction); what signing it needs."""
-        first = next(r for r in up if r["id"] == placement.gpus[0].id)
+        first = view.row_by_id[placement.gpus[0].id]
         expires = t + self.settings.lease_ttl_s
         bound = self.policy.max_lease_s(user)
         if bound:
@@ -264,11 +263,7 @@ class Broker(WaitingRoom, Accounting):
             label=label[:256]),
             [(g.id, g.memory if whole else placement.memory_per_gpu) for g in placement.gpus])
         self._remember(user, session, frozenset(g.id for g in placement.gpus))
-        view = self._view
-        if view is not None and view.rows is up:
-            devices = [dict(view.devices[g.id]) for g in placement.gpus]
-        else:
-            devices = [_device_json(next(r for r in up if r["id"] == g.id)) for g in placement.gpus]
+        devices = [dict(view.devices[g.id]) for g in placement.gpus]  # copies: the view's are shared
         return dict(id=lease_id, user=user, session=session, first=first, devices=devices,
                     placement=placement, granted_at=t, expires_at=expires)
 
@@ -286,9 +281,9 @@ class Broker(WaitingRoom, Accounting):
             "token": token, **({"borrowed": _borrow_note(rec["borrowed"])} if rec.get("borrowed") else {}),
         }
 
-    def _fits_undrained(self, conn, request: SliceRequest) -> bool:
+    def _fits_undrained(self, view: "_UpView", request: SliceRequest) -> bool:
         try:
-            scheduler.place(request, [scheduler.gpu_from_row(r) for r in self.store.gpus_up(conn)], [])
+            scheduler.place(request, view.every, [])
             return True
         except scheduler.NoFit:
             return False
@@ -306,8 +301,10 @@ class Broker(WaitingRoom, Accounting):
         if view is None or view.inventory is not rows or view.policy is not policy:
             drained = policy.drained
             up = [r for r in rows if r["id"] not in drained and r["agent_id"] not in drained] if drained else rows
-            view = self._view = _UpView(rows, policy, up, [scheduler.gpu_from_row(r) for r in up],
-                                        {r["id"]: _device_json(r) for r in up})
+            every = [scheduler.gpu_from_row(r) for r in rows]
+            row_by_id = {r["id"]: r for r in up}
+            view = self._view = _UpView(rows, policy, up, [g for g in every if g.id in row_by_id], every,
+                                        row_by_id, {i: _device_json(r) for i, r in row_by_id.items()})
         return view
 
     # -- lease lifetime -------------------------------------------------------------------------
@@ -545,8 +542,10 @@ class _UpView(NamedTuple):
     inventory: list  # Store.gpus_up's list, kept so that identity compares true only for it
     policy: Any
     rows: list  # those not drained
-    gpus: list  # as scheduler.GPU
-    devices: dict  # id -> _device_json (copied before it is handed out)
+    gpus: list  # those, as scheduler.GPU
+    every: list  # every GPU up, drained ones too, as scheduler.GPU
+    row_by_id: dict  # id -> row, of those not drained
+    devices: dict  # id -> _device_json, of those not drained (copied before it is handed out)
 
 
 def _device_json(r: dict) -> dict:

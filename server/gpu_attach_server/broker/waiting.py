@@ -47,7 +47,6 @@ class WaitingRoom:
         with self.store.hot() as conn:
             self.store.lock_gpus(conn)
             view = self._up_view(conn)
-            up = view.rows
             allocs = self.store.active_allocations(conn, t)
             ordered = self._ranked(t)
             held = in_use(allocs)
@@ -69,12 +68,12 @@ class WaitingRoom:
                 u.share, u.memory = u.share + share, u.memory + memory
                 return True
 
-            every = [scheduler.gpu_from_row(r) for r in self.store.gpus_up(conn)] if self.policy.drained else None
             plan = queue.plan(ordered, view.gpus,
                               [scheduler.Allocation(a[0], a[1]) for a in allocs], admissible,
-                              lambda w: self._affinity.get((w.user, w.session), frozenset()), every)
+                              lambda w: self._affinity.get((w.user, w.session), frozenset()),
+                              view.every if self.policy.drained else None)
             for w, placement in plan.grants:
-                granted.append((w, self._record(conn, up, w.user, w.session, w.label, w.request, placement, t, w.id)))
+                granted.append((w, self._record(conn, view, w.user, w.session, w.label, w.request, placement, t, w.id)))
         self._reserved = plan.reserved
         self._concurrent = len({a[2] for a in allocs}) + len(granted)
         for w, why in plan.never:
