@@ -28,6 +28,7 @@ def gpu_site(tmp_path_factory):
     ready = wait_ready(proc, "the agent")
     s.agents["gpu"] = proc
     s.devices = ready["devices"]
+    s.ready = ready
     yield s
     s.stop()
 
@@ -120,6 +121,34 @@ def test_device_arrays_leave_the_gpu_between_cells_and_come_back_for_the_next(se
     session.run("kind = type(d).__module__.split('.')[0]\nsame = d is alias\ntotal = float(d.sum())", ns, req)
     assert ns["kind"] == "cupy" and ns["same"] is True
     assert ns["total"] == float(sum(range(1024 * 1024)))
+
+
+def test_a_cell_opens_its_own_gpu_node_and_no_other(gpu_site, session):
+    """The device fence on a real GPU: the cell's own /dev/nvidiaN and /dev/nvidiactl open (CUDA
+    ran in it already), and a node of another GPU minor, made beside it, is refused by the kernel
+    even with CUDA_VISIBLE_DEVICES cleared."""
+    import os
+
+    from gpu_attach_server.agent.inventory import nvml_devices
+    from jupyter_gpu_attach import SliceRequest
+
+    if os.geteuid() != 0 or "GPU device fence" in " ".join(gpu_site.ready["unenforced"]):
+        pytest.skip(f"this agent has no GPU device fence here: {gpu_site.ready['isolation']}")
+    minors = {d.uuid: d.minor for d in nvml_devices()}
+    ns: dict = {}
+    session.run("import os\nhome = os.environ['HOME']\nvisible = os.environ['CUDA_VISIBLE_DEVICES']", ns,
+                SliceRequest.from_options(memory="1GiB"))
+    mine = minors[ns["visible"]]
+    other = next(m for m in range(254) if m not in minors.values())
+    os.mknod(f"{ns['home']}/other", 0o20666, os.makedev(195, other))
+    os.chmod(f"{ns['home']}/other", 0o666)
+    probe = {"mine": mine}
+    session.run("import errno, os\nos.environ.pop('CUDA_VISIBLE_DEVICES', None)\ngot = []\n"
+                "for path in (f'/dev/nvidia{mine}', '/dev/nvidiactl', os.path.join(os.environ['HOME'], 'other')):\n"
+                "    try:\n        os.close(os.open(path, os.O_RDWR))\n        got.append('opened')\n"
+                "    except OSError as e:\n        got.append(errno.errorcode[e.errno])\n", probe,
+                SliceRequest.from_options(memory="1GiB"))
+    assert probe["got"] == ["opened", "opened", "EPERM"]
 
 
 def test_nvml_utilisation_is_sampled_for_usage_accounting():

@@ -137,6 +137,31 @@ def test_a_setsid_child_is_frozen_between_cells_and_dies_with_the_session(alice,
     assert not _alive(pid), "a process a cell started outlived its session"
 
 
+def test_a_cell_cannot_open_a_gpu_node_outside_its_lease(alice):
+    """Clearing CUDA_VISIBLE_DEVICES gains nothing: the kernel refuses to open the host's GPU nodes.
+
+    Nodes like the host's /dev/nvidia0..3 (major 195) are made in the cell's own working directory
+    (a cell cannot mknod). No driver backs them here, so an open the fence lets through fails with
+    ENXIO, as /dev/nvidiactl's does; one the fence stops fails with EPERM. The devices here are
+    simulated, so this sandbox may open no GPU node at all."""
+    import os as host_os
+
+    home = run(alice, "import os\nhome = os.environ['HOME']")["home"]
+    for name, minor in [("nvidia0", 0), ("nvidia1", 1), ("nvidia3", 3), ("nvidiactl", 255)]:
+        host_os.mknod(f"{home}/{name}", 0o20666, host_os.makedev(195, minor))
+        host_os.chmod(f"{home}/{name}", 0o666)  # past the umask: as the driver makes /dev/nvidia*
+    ns = run(alice, "import errno, os\n"
+                    "os.environ.pop('CUDA_VISIBLE_DEVICES', None)\n"
+                    "got = {}\n"
+                    "for name in ('nvidia0', 'nvidia1', 'nvidia3', 'nvidiactl'):\n"
+                    "    try:\n"
+                    "        os.close(os.open(os.path.join(os.environ['HOME'], name), os.O_RDWR))\n"
+                    "        got[name] = 'opened'\n"
+                    "    except OSError as e:\n"
+                    "        got[name] = errno.errorcode[e.errno]\n")
+    assert ns["got"] == {"nvidia0": "EPERM", "nvidia1": "EPERM", "nvidia3": "EPERM", "nvidiactl": "ENXIO"}
+
+
 def test_a_fork_bomb_hits_the_pids_limit_and_harms_no_one_else(site):
     alice = GPUSession(site.url, TOKENS["alice"], session_id="alice-bomb")
     ns = run(alice, "import os, time\nforked, error = 0, None\n"

@@ -400,8 +400,12 @@ class Agent:
                     sandbox.running_lease = claims["lease"]
                     sandbox.running_since = sandbox.last_used = time.monotonic()
                     sandbox.cells += 1
+                    devices = tuple(claims["gpus"])
+                    repin = devices != sandbox.devices  # _may_run_on allowed it
                     if sandbox.cgroup is not None:
                         sandbox.cgroup.set_memory(self._host_memory(claims))
+                        if repin:  # before anything of its last cell runs again
+                            sandbox.cgroup.pin_gpus(self._minors(devices))
                     self._thaw(sandbox)  # frozen since its last cell
                     # A kernel with a large run frame waits for this before sending it; a small
                     # one was pipelined right behind the hello and is already waiting.
@@ -415,8 +419,7 @@ class Agent:
                     if sandbox.cgroup is not None:
                         limit = min(limit, self._host_memory(claims))
                     cell = {"op": "cell", "claims": claims, "max_payload": limit}
-                    devices = tuple(claims["gpus"])
-                    if devices != sandbox.devices:  # re-pinned (_may_run_on allowed it)
+                    if repin:
                         sandbox.devices = devices
                         cell["env"] = {"CUDA_VISIBLE_DEVICES": self._visible(devices)}
                     socket.send_fds(sandbox.ctl, [json.dumps(cell).encode()],
@@ -662,6 +665,7 @@ class Agent:
         if cgroup is not None:
             memory = self._host_memory(claims)
             cgroup.set_memory(memory)
+            cgroup.pin_gpus(self._minors(claims["gpus"]))
             max_payload = min(max_payload, memory)
         input_cache = self.settings.input_cache if cgroup is None else min(self.settings.input_cache, memory // 4)
         claim = {
@@ -707,6 +711,11 @@ class Agent:
         empty for simulated ones, so a simulated sandbox never touches a real GPU."""
         devices = [self.devices[i] for i in indexes]
         return "" if all(d.simulated for d in devices) else ",".join(d.uuid for d in devices)
+
+    def _minors(self, indexes) -> list[int]:
+        """The /dev/nvidiaN minors a sandbox pinned to these devices may open (none for simulated
+        devices: a simulated sandbox never touches a real GPU)."""
+        return [m for m in (self.devices[i].minor for i in indexes) if m is not None]
 
     def _may_run_on(self, s: SandboxHandle, claims: dict) -> bool:
         devices = tuple(claims["gpus"])
@@ -763,6 +772,7 @@ class Agent:
     def _start_in(self, cgroup: Cgroup | None) -> tuple[subprocess.Popen, socket.socket, Cgroup | None]:
         if cgroup is not None:
             cgroup.set_pids(self.settings.sandbox_pids)
+            cgroup.pin_gpus(())  # no GPU at all until a cell's claim pins it to its lease's
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         boot = {"ctl_fd": child.fileno(), "agent_pid": os.getpid()}
         # A clean environment: nothing of the agent's (its token above all) reaches user code.

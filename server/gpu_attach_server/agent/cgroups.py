@@ -2,7 +2,9 @@
 
 The kernel's own interface is used directly: cgroup v2 (``memory.max``, ``pids.max``,
 ``cgroup.freeze``, ``cgroup.kill``) where the agent's cgroup can delegate the memory and pids
-controllers, else the v1 hierarchies (``memory``, ``pids``, ``freezer``). Every sandbox cgroup of
+controllers, else the v1 hierarchies (``memory``, ``pids``, ``freezer``). Which GPUs a sandbox
+can open is fenced in the same cgroup (``device_fence.py``: an eBPF device program on v2, the
+``devices`` hierarchy on v1). Every sandbox cgroup of
 an agent lives under one parent named after the agent id, so a restarted agent finds and kills
 what its previous run left (:meth:`CgroupTree.kill_leftovers`).
 
@@ -22,9 +24,15 @@ import signal
 import time
 from pathlib import Path
 
+from .device_fence import BpfFence, FenceError, ListFence
+
 ROOT = Path("/sys/fs/cgroup")
 FREEZE_TIMEOUT_S = 2.0
 V1_CONTROLLERS = ("memory", "pids", "freezer")
+#: Not needed for the rest, so a v1 host without it still gets limits, freeze and kill.
+V1_DEVICES = "devices"
+FENCE_MISSING = ("GPU device fence (a cell that clears CUDA_VISIBLE_DEVICES, or opens /dev/nvidiaN itself, "
+                 "reaches every GPU on the host)")
 
 
 class CgroupError(RuntimeError):
@@ -60,6 +68,17 @@ class Cgroup:
 
     def __init__(self, tree: "CgroupTree", name: str, dirs: dict[str, Path]):
         self.tree, self.name, self.dirs = tree, name, dirs
+        self.fence: BpfFence | ListFence | None = None
+        if tree.fence == "bpf":
+            self.fence = BpfFence(dirs["unified"])
+        elif tree.fence == "devices":
+            self.fence = ListFence(dirs[V1_DEVICES])
+
+    def pin_gpus(self, minors) -> None:
+        """Let the sandbox open the GPU device nodes of these minors, and no other GPU's
+        (``device_fence.py``); nothing where the host has no fence (``CgroupTree.missing``)."""
+        if self.fence is not None:
+            self.fence.pin(minors)
 
     def add(self, pid: int) -> None:
         for d in self.dirs.values():
@@ -133,6 +152,8 @@ class Cgroup:
     def kill(self) -> None:
         """SIGKILL every process in the cgroup and wait until it is empty; then remove it."""
         kill_dirs(self.tree.version, self.dirs)
+        if self.fence is not None:
+            self.fence.close()
 
     def oom_kills(self) -> int:
         """How many times the kernel killed a process here for running over the memory limit."""
@@ -230,6 +251,9 @@ class CgroupTree:
         self.version = 0
         self.parents: dict[str, Path] = {}
         self.missing: list[str] = []
+        #: How sandboxes are fenced from other GPUs: "bpf" (v2), "devices" (v1), or "" (not).
+        self.fence = ""
+        self.fence_why = ""
         self._count = 0
         problems = []
         for attempt in (self._try_v2, self._try_v1):
@@ -240,8 +264,31 @@ class CgroupTree:
                 problems.append(str(e))
         if not self.version:
             self.missing = ["host-memory limit", "pids limit", "cgroup freeze (setsid children escape it)",
-                            "cgroup kill (children that leave the process group survive the sandbox)"]
+                            "cgroup kill (children that leave the process group survive the sandbox)",
+                            FENCE_MISSING]
             self.why = "; ".join(problems) or "no writable cgroup hierarchy with the memory and pids controllers"
+            return
+        self._try_fence()
+
+    def _try_fence(self) -> None:
+        """Fence a probe cgroup from every GPU, as each sandbox will be: the fence is offered only
+        where that works on this kernel (a container may refuse bpf(), or have no v1 devices)."""
+        kind = "bpf" if self.version == 2 else "devices" if V1_DEVICES in self.parents else ""
+        if not kind:
+            self.fence_why = "no v1 devices hierarchy"
+            self.missing.append(FENCE_MISSING)
+            return
+        self.fence = kind
+        probe = None
+        try:
+            probe = self.create("fence-probe")
+            probe.pin_gpus(())
+        except (OSError, FenceError) as e:
+            self.fence, self.fence_why = "", str(e)
+            self.missing.append(FENCE_MISSING)
+        finally:
+            if probe is not None:
+                probe.kill()
 
     def _try_v2(self, root: Path) -> bool:
         if not (root / "cgroup.controllers").exists():  # v2 mounted at /sys/fs/cgroup itself
@@ -279,6 +326,13 @@ class CgroupTree:
             p = base / own[c].lstrip("/") / self.parent_name
             p.mkdir(exist_ok=True)
             parents[c] = p
+        if (root / V1_DEVICES).is_dir() and V1_DEVICES in own:
+            try:
+                p = root / V1_DEVICES / own[V1_DEVICES].lstrip("/") / self.parent_name
+                p.mkdir(exist_ok=True)
+                parents[V1_DEVICES] = p
+            except OSError:
+                pass  # reported as a missing fence
         if (parents["memory"] / "memory.use_hierarchy").exists():
             try:
                 _write(parents["memory"] / "memory.use_hierarchy", "1")
@@ -292,11 +346,14 @@ class CgroupTree:
         return self.version != 0
 
     def describe(self) -> str:
+        fence = ({"bpf": ", GPU device fence (eBPF device program)",
+                  "devices": ", GPU device fence (devices.deny)"}[self.fence] if self.fence else
+                 f", NO GPU device fence ({self.fence_why})")
         if self.version == 2:
-            return f"cgroup v2 at {self.parents['unified']}: memory and pids limits, freeze, kill"
+            return f"cgroup v2 at {self.parents['unified']}: memory and pids limits, freeze, kill{fence}"
         if self.version == 1:
             return (f"cgroup v1 ({', '.join(str(p) for p in self.parents.values())}): memory and pids limits, "
-                    "freezer, kill by signalling every member until none is left")
+                    f"freezer, kill by signalling every member until none is left{fence}")
         return f"NO cgroups ({self.why}): not enforced: {', '.join(self.missing)}"
 
     def create(self, label: str) -> Cgroup:

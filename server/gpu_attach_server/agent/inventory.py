@@ -18,9 +18,14 @@ class Device:
     simulated: bool
     pool: str = "default"
     mig: str | None = None  # a MIG instance's profile ("1g.10gb"); its uuid is the MIG-... one
+    # The minor of its /dev/nvidiaN node (a MIG instance: its GPU's), which the sandbox's device
+    # fence lets it open (agent/device_fence.py); None for a simulated device, which has no node.
+    # The agent's own business: not sent to the broker.
+    minor: int | None = None
 
     def to_json(self) -> dict:
         out = asdict(self)
+        del out["minor"]
         if out["mig"] is None:
             del out["mig"]
         return out
@@ -46,16 +51,18 @@ def nvml_devices(pool: str = "default") -> list[Device]:
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             name = text(pynvml.nvmlDeviceGetName(h))
+            minor = int(pynvml.nvmlDeviceGetMinorNumber(h))  # /dev/nvidia<minor>
             instances = _mig_instances(pynvml, h, int(pynvml.nvmlDeviceGetMemoryInfo(h).total))
             if instances is None:
                 devices.append(Device(index=len(devices), uuid=text(pynvml.nvmlDeviceGetUUID(h)), model=name,
-                                      memory=int(pynvml.nvmlDeviceGetMemoryInfo(h).total), simulated=False, pool=pool))
+                                      memory=int(pynvml.nvmlDeviceGetMemoryInfo(h).total), simulated=False, pool=pool,
+                                      minor=minor))
                 continue
             # A GPU in MIG mode is offered as its instances only (it cannot run as a whole).
             for mh, profile in instances:
                 devices.append(Device(index=len(devices), uuid=text(pynvml.nvmlDeviceGetUUID(mh)),
                                       model=f"{name} MIG {profile}", memory=int(pynvml.nvmlDeviceGetMemoryInfo(mh).total),
-                                      simulated=False, pool=pool, mig=profile))
+                                      simulated=False, pool=pool, mig=profile, minor=minor))
     finally:
         pynvml.nvmlShutdown()
     if not devices:
