@@ -7,12 +7,15 @@ many sites do; each user's cells run as that user's own uid, in a cgroup and a m
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 
 from conftest import TOKENS
 from jupyter_gpu_attach import GPUSession
+
+from gpu_attach_server.agent.jail import private_proc_supported
 
 from .conftest import needs_root, run
 
@@ -41,7 +44,8 @@ def test_a_cell_cannot_read_the_agents_environment_or_token(alice, site):
              {"agent_pid": agent_pid})
     assert ns["env_here"] == {}
     assert "READ" not in ns["tries"].values(), ns["tries"]
-    assert ns["tries"]["environ"] == "PermissionError"
+    # Not there at all: the sandbox's own /proc hides other uids' processes (Linux >= 5.8).
+    assert ns["tries"]["environ"] == ("FileNotFoundError" if private_proc_supported() else "PermissionError")
 
 
 def test_a_cell_cannot_read_the_agents_state_or_the_brokers_key_and_database(alice, site):
@@ -77,6 +81,27 @@ def test_a_cell_cannot_read_another_users_files_or_memory(alice, bob):
              {"home": bob.info["home"], "pid": bob.info["pid"]})
     leaked = {k: v for k, v in ns["results"].items() if not v.endswith("Error")}
     assert not leaked, leaked
+
+
+@pytest.mark.skipif(not private_proc_supported(), reason="a /proc of its own per mount needs Linux 5.8")
+def test_a_cell_sees_only_its_own_users_processes(alice, bob, site):
+    """Command lines can carry secrets: a cell's /proc lists only its own uid's processes, so
+    neither the agent (root) nor bob's sandbox is there, by listing or by pid; its own are."""
+    agent_pid = site.agents["gpu-host-1"].pid
+    ns = run(alice, "import os, subprocess\n"
+                    "child = subprocess.Popen(['sleep', '5'])\n"
+                    "listed = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
+                    "by_pid = {name: os.path.exists(f'/proc/{pid}/cmdline') for name, pid in\n"
+                    "          (('agent', agent_pid), ('bob', bob_pid), ('self', os.getpid()), ('child', child.pid))}\n"
+                    "uids = {os.stat(f'/proc/{p}').st_uid for p in listed}\n"
+                    "child.kill(); child.wait()\n"
+                    "me, uid = os.getpid(), os.getuid()\n",
+             {"agent_pid": agent_pid, "bob_pid": bob.info["pid"]})
+    assert ns["by_pid"] == {"agent": False, "bob": False, "self": True, "child": True}
+    assert ns["me"] in ns["listed"] and agent_pid not in ns["listed"] and bob.info["pid"] not in ns["listed"]
+    assert ns["uids"] == {ns["uid"]}, "only the cell's own uid's processes are listed"
+    # The host's /proc is untouched: the test process still sees both sandboxes.
+    assert os.path.exists(f"/proc/{bob.info['pid']}/cmdline") and os.path.exists(f"/proc/{agent_pid}/cmdline")
 
 
 def test_a_cell_cannot_signal_the_agent_or_another_users_sandbox(alice, bob, site):

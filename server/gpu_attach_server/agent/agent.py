@@ -44,7 +44,7 @@ from .cgroups import Cgroup, CgroupError, CgroupTree
 from .enrolment import AgentKey
 from .identities import UserIds, parse_range
 from .inventory import Device, NvmlSampler
-from .jail import needed_paths
+from .jail import needed_paths, private_proc_supported
 
 log = logging.getLogger("gpu_attach.agent")
 
@@ -205,7 +205,9 @@ class Agent:
         uids = (f"per-user uids from {self.settings.sandbox_uids}" if self.users is not None else
                 f"cells as {self.settings.sandbox_user!r}" if self.settings.sandbox_user else
                 f"cells as the agent's own uid {os.geteuid()} (single user)")
-        jail = "private mount namespace and /tmp" if self._jail else "no mount namespace"
+        jail = ("no mount namespace" if not self._jail else
+                "private mount namespace, /tmp and /proc (other uids' processes hidden)" if private_proc_supported()
+                else "private mount namespace and /tmp (/proc shows other processes: Linux < 5.8)")
         text = f"{self.cgroups.describe()}; {uids}; {jail}"
         if self.leftovers_killed:
             text += f"; killed {self.leftovers_killed} sandbox cgroup(s) left by a previous run"
@@ -789,6 +791,7 @@ class Agent:
             env["GPU_ATTACH_JAIL"] = json.dumps({
                 "cgroup_procs": [str(d / "cgroup.procs") for d in cgroup.dirs.values()] if cgroup else [],
                 "needed": needed_paths(), "keep": [self._root], "private_tmp": True,
+                "private_proc": True,
                 "hide": [str(self.state_dir)] if self.state_dir else [], "exec": argv})
             argv = [sys.executable, "-m", "gpu_attach_server.agent.jail"]
         proc = subprocess.Popen(

@@ -9,7 +9,12 @@ parent-death signal still names the agent). Before any user code exists it:
   ``/dev/shm``: a cell's temporary files are its own, and it sees no other user's;
 - masks directories an unprivileged uid could not read anyway (``/root`` of a root agent, the
   agent's state directory) with empty tmpfs, then binds back only the interpreter and library
-  paths the sandbox needs to run (a venv under ``/root`` then still works after ``setuid``).
+  paths the sandbox needs to run (a venv under ``/root`` then still works after ``setuid``);
+- mounts a ``/proc`` of its own with ``hidepid=invisible``: once the sandbox runs as its user's
+  uid, it sees only that uid's processes, not the agent's or other users' (their command lines,
+  their ``/proc/PID`` at all). Kernels before 5.8 share one set of proc options per pid namespace,
+  so this would hide processes on the host too; there ``/proc`` is left as it is, and the agent
+  says so (:func:`private_proc_supported`).
 
 The uid change itself happens in the sandbox when it is claimed for a user.
 """
@@ -23,7 +28,7 @@ import stat
 import sys
 
 CLONE_NEWNS = 0x00020000
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -58,6 +63,17 @@ def _hidden_ancestor(path: str) -> str | None:
         if not st.st_mode & stat.S_IXOTH:
             return cur
     return None
+
+
+def private_proc_supported(release: str | None = None) -> bool:
+    """Whether a ``/proc`` mounted in the sandbox's mount namespace gets options of its own
+    (Linux 5.8 and later: one proc instance per mount)."""
+    release = release or os.uname().release
+    try:
+        major, minor = (int(x) for x in release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 8)
 
 
 def needed_paths() -> list[str]:
@@ -109,6 +125,9 @@ def enter(config: dict) -> None:
         _mount(f"/proc/self/fd/{fd}", ap, None, MS_BIND | MS_REC)
     for fd in fds.values():
         os.close(fd)
+    # Last: the binds above name their sources through the host's /proc/self/fd.
+    if config.get("private_proc") and private_proc_supported():
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
 
 
 def main() -> None:
