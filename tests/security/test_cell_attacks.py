@@ -203,6 +203,50 @@ def test_a_fork_bomb_hits_the_pids_limit_and_harms_no_one_else(site):
     time.sleep(0.5)
 
 
+SPIN = ("import time\n"
+        "def spin(seconds):\n"
+        "    n, end = 0, time.perf_counter() + seconds\n"
+        "    while time.perf_counter() < end:\n"
+        "        n += 1\n"
+        "    return n / seconds\n")
+
+
+def test_a_cpu_hog_takes_its_own_share_not_its_neighbours(bob, site):
+    """Six busy processes in one user's cell get that sandbox's share of the CPU, not six
+    shares: bob's one-process cell beside them keeps most of its solo speed. (Without a CPU
+    group per sandbox, seven runnable processes on this 2-core machine leave bob 2/7 of a core.)"""
+    import threading
+
+    solo = run(bob, SPIN + "rate = spin(1.0)")["rate"]
+    hog = GPUSession(site.url, TOKENS["alice"], session_id="alice-cpu-hog")
+    started = threading.Event()
+    hogged: dict = {}
+
+    def hog_cell():
+        started.set()
+        run(hog, SPIN + "import os\nkids = []\n"
+                        "for _ in range(6):\n"
+                        "    pid = os.fork()\n"
+                        "    if pid == 0:\n"
+                        "        os.setsid()  # a session, and so an autogroup, of its own\n"
+                        "        spin(4.0)\n"
+                        "        os._exit(0)\n"
+                        "    kids.append(pid)\n"
+                        "for pid in kids:\n"
+                        "    os.waitpid(pid, 0)\n", hogged)
+
+    t = threading.Thread(target=hog_cell)
+    t.start()
+    started.wait()
+    time.sleep(1.5)  # the hog's processes are spinning by now
+    beside = run(bob, SPIN + "rate = spin(1.0)")["rate"]
+    t.join(30)
+    hog.broker.end_session(hog.session_id)
+    assert "kids" in hogged, "the hog's cell did not finish"
+    print(f"bob beside the hog: {beside / solo:.0%} of his solo speed")
+    assert beside >= 0.5 * solo, f"bob ran at {beside / solo:.0%} of his solo speed beside a CPU hog"
+
+
 def test_a_memory_hog_fails_with_an_error_naming_the_limit(alice):
     from jupyter_gpu_attach.errors import GPUAttachError
 

@@ -2,7 +2,9 @@
 
 The kernel's own interface is used directly: cgroup v2 (``memory.max``, ``pids.max``,
 ``cgroup.freeze``, ``cgroup.kill``) where the agent's cgroup can delegate the memory and pids
-controllers, else the v1 hierarchies (``memory``, ``pids``, ``freezer``). Which GPUs a sandbox
+controllers, else the v1 hierarchies (``memory``, ``pids``, ``freezer``). Each sandbox is also a
+CPU group of its own (v2 ``cpu``, v1 ``cpu``), so however many processes or sessions a cell
+starts, they share one sandbox's part of the CPU. Which GPUs a sandbox
 can open is fenced in the same cgroup (``device_fence.py``: an eBPF device program on v2, the
 ``devices`` hierarchy on v1). Every sandbox cgroup of
 an agent lives under one parent named after the agent id, so a restarted agent finds and kills
@@ -29,8 +31,11 @@ from .device_fence import BpfFence, FenceError, ListFence
 ROOT = Path("/sys/fs/cgroup")
 FREEZE_TIMEOUT_S = 2.0
 V1_CONTROLLERS = ("memory", "pids", "freezer")
-#: Not needed for the rest, so a v1 host without it still gets limits, freeze and kill.
+#: Not needed for the rest, so a v1 host without them still gets limits, freeze and kill.
 V1_DEVICES = "devices"
+V1_CPU = "cpu"
+CPU_MISSING = ("a CPU share per sandbox (a cell's processes, each in a session of its own, can crowd other "
+               "users' cells off the CPU)")
 FENCE_MISSING = ("GPU device fence (a cell that clears CUDA_VISIBLE_DEVICES, or opens /dev/nvidiaN itself, "
                  "reaches every GPU on the host)")
 
@@ -263,7 +268,7 @@ class CgroupTree:
             except OSError as e:
                 problems.append(str(e))
         if not self.version:
-            self.missing = ["host-memory limit", "pids limit", "cgroup freeze (setsid children escape it)",
+            self.missing = [CPU_MISSING, "host-memory limit", "pids limit", "cgroup freeze (setsid children escape it)",
                             "cgroup kill (children that leave the process group survive the sandbox)",
                             FENCE_MISSING]
             self.why = "; ".join(problems) or "no writable cgroup hierarchy with the memory and pids controllers"
@@ -295,15 +300,19 @@ class CgroupTree:
             return False
         own = root / _own_cgroups().get("", "/").lstrip("/")
         needed = {"memory", "pids"}
-        if not needed <= set(_read(own / "cgroup.controllers").split()):
+        available = set(_read(own / "cgroup.controllers").split())
+        if not needed <= available:
             return False
+        # cpu: each sandbox a weight of its own (optional: reported as missing where absent)
+        wanted = needed | ({"cpu"} & available)
+        enable = " ".join(f"+{c}" for c in sorted(wanted))
         parent = own / self.parent_name
         parent.mkdir(exist_ok=True)
-        if not needed <= set(_read(parent / "cgroup.subtree_control").split()):
+        if not wanted <= set(_read(parent / "cgroup.subtree_control").split()):
             # v2 puts no process in an inner node: move the agent into a leaf of its own cgroup
             # (under systemd this needs Delegate=yes) so its subtree can delegate the controllers.
             enabled = set(_read(own / "cgroup.subtree_control").split())
-            if not needed <= enabled:
+            if not wanted <= enabled:
                 leaf = own / "gpu-attach-agent"
                 leaf.mkdir(exist_ok=True)
                 for pid in _read(own / "cgroup.procs").split():
@@ -311,8 +320,10 @@ class CgroupTree:
                         _write(leaf / "cgroup.procs", pid)
                     except OSError:
                         pass
-                _write(own / "cgroup.subtree_control", "+memory +pids")
-            _write(parent / "cgroup.subtree_control", "+memory +pids")
+                _write(own / "cgroup.subtree_control", enable)
+            _write(parent / "cgroup.subtree_control", enable)
+        if "cpu" not in wanted:
+            self.missing.append(CPU_MISSING)
         self.version, self.parents = 2, {"unified": parent}
         return True
 
@@ -326,13 +337,16 @@ class CgroupTree:
             p = base / own[c].lstrip("/") / self.parent_name
             p.mkdir(exist_ok=True)
             parents[c] = p
-        if (root / V1_DEVICES).is_dir() and V1_DEVICES in own:
-            try:
-                p = root / V1_DEVICES / own[V1_DEVICES].lstrip("/") / self.parent_name
-                p.mkdir(exist_ok=True)
-                parents[V1_DEVICES] = p
-            except OSError:
-                pass  # reported as a missing fence
+        for c in (V1_DEVICES, V1_CPU):  # optional: reported as missing where absent
+            if (root / c).is_dir() and c in own:
+                try:
+                    p = root / c / own[c].lstrip("/") / self.parent_name
+                    p.mkdir(exist_ok=True)
+                    parents[c] = p
+                except OSError:
+                    pass
+        if V1_CPU not in parents:
+            self.missing.append(CPU_MISSING)
         if (parents["memory"] / "memory.use_hierarchy").exists():
             try:
                 _write(parents["memory"] / "memory.use_hierarchy", "1")
@@ -349,10 +363,11 @@ class CgroupTree:
         fence = ({"bpf": ", GPU device fence (eBPF device program)",
                   "devices": ", GPU device fence (devices.deny)"}[self.fence] if self.fence else
                  f", NO GPU device fence ({self.fence_why})")
+        cpu = "" if CPU_MISSING in self.missing else ", a CPU share per sandbox"
         if self.version == 2:
-            return f"cgroup v2 at {self.parents['unified']}: memory and pids limits, freeze, kill{fence}"
+            return f"cgroup v2 at {self.parents['unified']}: memory and pids limits{cpu}, freeze, kill{fence}"
         if self.version == 1:
-            return (f"cgroup v1 ({', '.join(str(p) for p in self.parents.values())}): memory and pids limits, "
+            return (f"cgroup v1 ({', '.join(str(p) for p in self.parents.values())}): memory and pids limits{cpu}, "
                     f"freezer, kill by signalling every member until none is left{fence}")
         return f"NO cgroups ({self.why}): not enforced: {', '.join(self.missing)}"
 
