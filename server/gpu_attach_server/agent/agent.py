@@ -182,8 +182,9 @@ class Agent:
         if missing and not settings.single_user and not settings.allow_unenforced:
             raise IsolationError(
                 "this agent cannot keep its users apart: " + "; ".join(missing) + ". Run it as root on a host "
-                "with cgroups (v2, or the v1 memory, pids and freezer hierarchies), or pass --allow-unenforced "
-                "to serve other users anyway, or --single-user for one user's own pool.")
+                "with cgroups (v2 with the memory, pids and cpu controllers delegated and bpf() allowed; or the v1 "
+                "memory, pids, freezer, cpu and devices hierarchies), or pass --allow-unenforced to serve other "
+                "users anyway, or --single-user for one user's own pool.")
         self._own_root = settings.workdir is None
         self._root = settings.workdir or tempfile.mkdtemp(prefix="gpu-attach-agent-")
         if self._jail:
