@@ -400,15 +400,15 @@ class Agent:
                     if float(claims["exp"]) - time.time() - self._margin(claims) < 0.5:
                         # a slow start used up most of the grant: ask the broker first
                         confirmed = self.channel.confirm(claims["lease"], self._margin(claims))
+                    devices = tuple(claims["gpus"])
+                    repin = devices != sandbox.devices  # _may_run_on allowed it
+                    if repin and sandbox.cgroup is not None:  # while frozen: before its last cell's
+                        sandbox.cgroup.pin_gpus(self._minors(devices))  # processes run again
                     sandbox.running_lease = claims["lease"]
                     sandbox.running_since = sandbox.last_used = time.monotonic()
                     sandbox.cells += 1
-                    devices = tuple(claims["gpus"])
-                    repin = devices != sandbox.devices  # _may_run_on allowed it
                     if sandbox.cgroup is not None:
                         sandbox.cgroup.set_memory(self._host_memory(claims))
-                        if repin:  # before anything of its last cell runs again
-                            sandbox.cgroup.pin_gpus(self._minors(devices))
                     self._thaw(sandbox)  # frozen since its last cell
                     # A kernel with a large run frame waits for this before sending it; a small
                     # one was pipelined right behind the hello and is already waiting.
