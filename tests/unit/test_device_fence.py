@@ -131,3 +131,77 @@ def test_the_agents_cgroups_fence_every_sandbox(nodes):
     finally:
         tree.remove()
 
+
+
+def test_held_minors_finds_open_and_mapped_nodes(tmp_path):
+    """The scan a re-pin depends on: descriptors (here /dev/null, 1:3, standing in for a GPU node,
+    which no process can open without the driver) and mappings that outlive their descriptor."""
+    mapped = tmp_path / "dev" / "fake7"
+    mapped.parent.mkdir()
+    mapped.write_bytes(b"\0" * 4096)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import mmap, os, sys, time\n"
+         "null = os.open('/dev/null', os.O_RDWR)\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+         "m = mmap.mmap(fd, 4096)\n"
+         "os.close(fd)  # the mapping stays\n"
+         "print('ready', flush=True)\n"
+         "time.sleep(30)\n", str(mapped)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        import re
+
+        node = re.compile(rf"^{re.escape(str(tmp_path))}/dev/fake(\d+)$")
+        assert device_fence.held_minors([holder.pid], major=1, node=node) == {3, 7}
+        assert device_fence.held_minors([holder.pid]) == set()  # no NVIDIA node held
+        assert device_fence.held_minors([2 ** 22 + 7]) == set()  # a process that is gone
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_sandbox_holding_another_gpu_is_replaced_not_repinned(monkeypatch):
+    """Agent._may_run_on with the scan's answer given: a sandbox that holds GPU 0's node open may
+    not run a cell leased GPU 1 (the fence only checks at open), whatever it says of itself."""
+    import subprocess as sp
+
+    from gpu_attach_server.agent import agent as agent_mod
+    from gpu_attach_server.agent.inventory import Device
+
+    agent = object.__new__(agent_mod.Agent)
+    agent.devices = {i: Device(i, f"GPU-{i}", "H100", 80 << 30, False, minor=i) for i in range(2)}
+    agent._gpu_nodes = True
+
+    class FakeCgroup:
+        def pids(self):
+            return [4242]
+
+    s = agent_mod.SandboxHandle(key=("u", "s"), proc=sp.Popen(["true"]), ctl=None, workdir="/tmp",
+                                cgroup=FakeCgroup(), devices=(0,), simulated=False)
+    s.proc.wait()
+    held = {0}
+    monkeypatch.setattr(agent_mod, "held_minors", lambda pids: set(held))
+    assert agent._may_run_on(s, {"gpus": [0]}) is True  # its own lease's GPU
+    assert agent._may_run_on(s, {"gpus": [1]}) is False  # GPU 0 still open: replace it
+    held.clear()
+    assert agent._may_run_on(s, {"gpus": [1]}) is True  # nothing held: re-pinned
+    held.add(1)
+    assert agent._may_run_on(s, {"gpus": [0]}) is False  # a node passed in from elsewhere
+
+
+@needs_root
+def test_the_v1_fence_refuses_a_default_deny_cgroup():
+    """Under a parent that lists the devices it allows (a container's), a deny entry only removes
+    an exact allow entry, so it would fence nothing: the fence says so instead of pinning."""
+    base = _v1_root()
+    if base is None:
+        pytest.skip("this kernel has no v1 devices hierarchy")
+    d = base / f"gpu-attach-fence-test-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    try:
+        (d / "devices.deny").write_text("a")  # default deny...
+        (d / "devices.allow").write_text("c 195:* rwm")  # ...with every GPU node allowed
+        with pytest.raises(device_fence.FenceError, match="not a default-allow devices cgroup"):
+            device_fence.ListFence(d).pin([0])
+    finally:
+        d.rmdir()

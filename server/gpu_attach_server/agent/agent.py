@@ -16,6 +16,7 @@ kernel by signing the kernel's nonce with its enrolled key.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -40,11 +41,12 @@ from jupyter_gpu_attach import wire
 from .. import __version__
 from ..grant_tokens import GrantTokenError, GrantVerifier
 from .broker_channel import BrokerChannel
-from .cgroups import Cgroup, CgroupError, CgroupTree
+from .cgroups import FENCE_MISSING, Cgroup, CgroupError, CgroupTree
+from .device_fence import FIRST_CONTROL_MINOR, held_minors
 from .enrolment import AgentKey
 from .identities import UserIds, parse_range
 from .inventory import Device, NvmlSampler
-from .jail import needed_paths, private_proc_supported
+from .jail import needed_paths, probe_private_proc
 
 log = logging.getLogger("gpu_attach.agent")
 
@@ -138,6 +140,8 @@ class Agent:
     def __init__(self, settings: AgentSettings, devices: list[Device]):
         self.settings = settings
         self.devices = {d.index: d for d in devices}
+        # Whether there is a GPU node on this host a sandbox could hold (see _may_run_on).
+        self._gpu_nodes = any(not d.simulated for d in devices) or bool(glob.glob("/dev/nvidia[0-9]*"))
         self._stopping = threading.RLock()  # see stop()
         self._stop_began = False
         # GPU utilisation for usage accounting (busy GPU-seconds), on real whole GPUs only.
@@ -178,6 +182,8 @@ class Agent:
             self.users = UserIds(parse_range(settings.sandbox_uids),
                                  self.state_dir / "uids.json" if self.state_dir else None, settings.uid_map)
         self._jail = self.users is not None or (root and bool(settings.sandbox_user))
+        # Why the jail cannot give sandboxes a /proc of their own (None: it can).
+        self._proc_shared = probe_private_proc() if self._jail else "no jail"
         missing = self.unenforced()
         if missing and not settings.single_user and not settings.allow_unenforced:
             raise IsolationError(
@@ -195,6 +201,12 @@ class Agent:
     def unenforced(self) -> list[str]:
         """What this agent cannot enforce between users (empty: everything in docs/security.md)."""
         missing = list(self.cgroups.missing)
+        if FENCE_MISSING in missing and not self._gpu_nodes:
+            missing.remove(FENCE_MISSING)  # no GPU node on this host to fence a sandbox from
+        unknown = [d.index for d in self.devices.values() if not d.simulated and d.minor is None]
+        if unknown and FENCE_MISSING not in missing:
+            missing.append(f"GPU device fence for device(s) {unknown} (NVML gave no /dev/nvidiaN minor: their "
+                           "sandboxes may open every GPU node)")
         if self.users is None and not self.settings.sandbox_user:
             missing.append("per-user uids (cells run as the agent's own uid "
                            f"{os.geteuid()}, and can read its token and state)")
@@ -207,8 +219,8 @@ class Agent:
                 f"cells as {self.settings.sandbox_user!r}" if self.settings.sandbox_user else
                 f"cells as the agent's own uid {os.geteuid()} (single user)")
         jail = ("no mount namespace" if not self._jail else
-                "private mount namespace, /tmp and /proc (other uids' processes hidden)" if private_proc_supported()
-                else "private mount namespace and /tmp (/proc shows other processes: Linux < 5.8)")
+                "private mount namespace, /tmp and /proc (other uids' processes hidden)" if self._proc_shared is None
+                else f"private mount namespace and /tmp (/proc shows other processes: {self._proc_shared})")
         text = f"{self.cgroups.describe()}; {uids}; {jail}"
         if self.leftovers_killed:
             text += f"; killed {self.leftovers_killed} sandbox cgroup(s) left by a previous run"
@@ -403,7 +415,11 @@ class Agent:
                     devices = tuple(claims["gpus"])
                     repin = devices != sandbox.devices  # _may_run_on allowed it
                     if repin and sandbox.cgroup is not None:  # while frozen: before its last cell's
-                        sandbox.cgroup.pin_gpus(self._minors(devices))  # processes run again
+                        try:                                   # processes run again
+                            sandbox.cgroup.pin_gpus(self._minors(devices))
+                        except OSError:
+                            self._kill_locked(sandbox)  # its fence is not what the agent believes
+                            raise
                     sandbox.running_lease = claims["lease"]
                     sandbox.running_since = sandbox.last_used = time.monotonic()
                     sandbox.cells += 1
@@ -668,7 +684,6 @@ class Agent:
         if cgroup is not None:
             memory = self._host_memory(claims)
             cgroup.set_memory(memory)
-            cgroup.pin_gpus(self._minors(claims["gpus"]))
             max_payload = min(max_payload, memory)
         input_cache = self.settings.input_cache if cgroup is None else min(self.settings.input_cache, memory // 4)
         claim = {
@@ -688,12 +703,14 @@ class Agent:
             os.chown(workdir, pw.pw_uid, pw.pw_gid)
             claim.update(uid=pw.pw_uid, gid=pw.pw_gid)
         try:
+            if cgroup is not None:
+                cgroup.pin_gpus(self._minors(claims["gpus"]))
             ctl.settimeout(SANDBOX_START_TIMEOUT_S)
             ctl.send(json.dumps(claim).encode())
             ready = json.loads(ctl.recv(65536) or b"{}")
             ctl.settimeout(None)
-        except (OSError, ValueError):
-            ready = {}
+        except (OSError, ValueError) as e:
+            ready = {"error": str(e)}
         if ready.get("op") != "ready":
             _killpg(proc)
             if cgroup is not None:
@@ -717,15 +734,29 @@ class Agent:
 
     def _minors(self, indexes) -> list[int]:
         """The /dev/nvidiaN minors a sandbox pinned to these devices may open (none for simulated
-        devices: a simulated sandbox never touches a real GPU)."""
-        return [m for m in (self.devices[i].minor for i in indexes) if m is not None]
+        devices: a simulated sandbox never touches a real GPU). A real device whose minor NVML
+        did not give cannot be fenced: its sandbox may open every GPU node (said at start)."""
+        devices = [self.devices[i] for i in indexes]
+        if any(not d.simulated and d.minor is None for d in devices):
+            return list(range(FIRST_CONTROL_MINOR))
+        return [d.minor for d in devices if d.minor is not None]
 
     def _may_run_on(self, s: SandboxHandle, claims: dict) -> bool:
         devices = tuple(claims["gpus"])
-        if devices == s.devices:
-            return True
-        simulated = all(self.devices[i].simulated for i in devices)
-        return simulated == s.simulated and (simulated or not s.gpu_bound)
+        if devices != s.devices:
+            simulated = all(self.devices[i].simulated for i in devices)
+            if simulated != s.simulated or not (simulated or not s.gpu_bound):
+                return False
+        # The fence checks at open(): a GPU node the sandbox still holds open or mapped (its own
+        # doing, or a descriptor passed in from elsewhere) would outlive the lease it was opened
+        # under. Such a sandbox is replaced. Checked wherever the host has GPU nodes to hold.
+        if self._gpu_nodes and s.cgroup is not None:
+            held = held_minors(s.cgroup.pids() or [s.proc.pid])
+            if not held <= set(self._minors(devices)):
+                log.warning("sandbox pid %d holds GPU node(s) %s outside its lease's devices %s: replacing it",
+                            s.proc.pid, sorted(held), list(devices))
+                return False
+        return True
 
     def _take_spare(self) -> tuple[subprocess.Popen, socket.socket, Cgroup | None]:
         """A started, not yet pinned sandbox process: the spare if one is waiting, else a new one.
@@ -792,7 +823,7 @@ class Agent:
             env["GPU_ATTACH_JAIL"] = json.dumps({
                 "cgroup_procs": [str(d / "cgroup.procs") for d in cgroup.dirs.values()] if cgroup else [],
                 "needed": needed_paths(), "keep": [self._root], "private_tmp": True,
-                "private_proc": True,
+                "private_proc": self._proc_shared is None,
                 "hide": [str(self.state_dir)] if self.state_dir else [], "exec": argv})
             argv = [sys.executable, "-m", "gpu_attach_server.agent.jail"]
         proc = subprocess.Popen(

@@ -300,19 +300,15 @@ class CgroupTree:
             return False
         own = root / _own_cgroups().get("", "/").lstrip("/")
         needed = {"memory", "pids"}
-        available = set(_read(own / "cgroup.controllers").split())
-        if not needed <= available:
+        if not needed <= set(_read(own / "cgroup.controllers").split()):
             return False
-        # cpu: each sandbox a weight of its own (optional: reported as missing where absent)
-        wanted = needed | ({"cpu"} & available)
-        enable = " ".join(f"+{c}" for c in sorted(wanted))
         parent = own / self.parent_name
         parent.mkdir(exist_ok=True)
-        if not wanted <= set(_read(parent / "cgroup.subtree_control").split()):
+        if not needed <= set(_read(parent / "cgroup.subtree_control").split()):
             # v2 puts no process in an inner node: move the agent into a leaf of its own cgroup
             # (under systemd this needs Delegate=yes) so its subtree can delegate the controllers.
             enabled = set(_read(own / "cgroup.subtree_control").split())
-            if not wanted <= enabled:
+            if not needed <= enabled:
                 leaf = own / "gpu-attach-agent"
                 leaf.mkdir(exist_ok=True)
                 for pid in _read(own / "cgroup.procs").split():
@@ -320,9 +316,16 @@ class CgroupTree:
                         _write(leaf / "cgroup.procs", pid)
                     except OSError:
                         pass
-                _write(own / "cgroup.subtree_control", enable)
-            _write(parent / "cgroup.subtree_control", enable)
-        if "cpu" not in wanted:
+                _write(own / "cgroup.subtree_control", "+memory +pids")
+            _write(parent / "cgroup.subtree_control", "+memory +pids")
+        # cpu, each sandbox a weight of its own: on its own, so that a host that cannot delegate
+        # it (a real-time thread in the way, say) still gets the rest, and says what it lacks.
+        try:
+            if "cpu" not in set(_read(parent / "cgroup.subtree_control").split()):
+                if "cpu" not in set(_read(own / "cgroup.subtree_control").split()):
+                    _write(own / "cgroup.subtree_control", "+cpu")
+                _write(parent / "cgroup.subtree_control", "+cpu")
+        except OSError:
             self.missing.append(CPU_MISSING)
         self.version, self.parents = 2, {"unified": parent}
         return True

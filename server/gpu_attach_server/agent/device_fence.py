@@ -16,9 +16,11 @@ memory by themselves.
   default-allow cgroup an ``allow`` only removes a ``deny`` entry that matches exactly, so a
   wildcard deny could not be opened up again for the pinned minors).
 
-The check happens at ``open()``: a file descriptor opened before a re-pin is not closed by it.
-The agent re-pins only a sandbox that has not loaded a GPU library (``Agent._may_run_on``); one
-that has is replaced. A sandbox starts fenced from every GPU until a cell is admitted on it.
+The check happens at ``open()``: a file descriptor opened before a re-pin is not closed by it,
+nor is device memory mapped through one. So before each cell the agent looks for GPU nodes the
+sandbox's processes hold (:func:`held_minors`) and replaces a sandbox that holds one outside the
+cell's lease (``Agent._may_run_on``). A sandbox starts fenced from every GPU until a cell is
+admitted on it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ import ctypes
 import errno
 import os
 import platform
+import re
+import stat
 import struct
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -36,7 +41,8 @@ NVIDIA_MAJOR = 195
 #: Minors from here on are the driver's control nodes (254 nvidia-modeset, 255 nvidiactl).
 FIRST_CONTROL_MINOR = 254
 
-_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351}
+# Little-endian machines only: the instructions and attributes are packed little-endian.
+_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280, "ppc64le": 361}
 _BPF_PROG_LOAD, _BPF_PROG_ATTACH, _BPF_PROG_DETACH = 5, 8, 9
 _BPF_PROG_TYPE_CGROUP_DEVICE = 15
 _BPF_CGROUP_DEVICE = 6
@@ -79,7 +85,7 @@ def device_program(allowed_minors: Iterable[int]) -> bytes:
 
 def _bpf(cmd: int, attr: bytes) -> int:
     number = _BPF_SYSCALL.get(platform.machine())
-    if number is None:
+    if number is None or sys.byteorder != "little":
         raise FenceError(errno.ENOSYS, f"no bpf() syscall number known for {platform.machine()}")
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
@@ -96,14 +102,24 @@ def load_program(allowed_minors: Iterable[int]) -> int:
     code = device_program(allowed_minors)
     insns = ctypes.create_string_buffer(code, len(code))
     license_ = ctypes.create_string_buffer(b"GPL")
-    log = ctypes.create_string_buffer(4096)
-    attr = struct.pack("<IIQQIIQII16sII", _BPF_PROG_TYPE_CGROUP_DEVICE, len(code) // 8,
-                       ctypes.addressof(insns), ctypes.addressof(license_), 1, len(log),
-                       ctypes.addressof(log), 0, 0, b"gpu_attach_dev", 0, _BPF_CGROUP_DEVICE)
-    try:
+
+    def load(log_level: int, log) -> int:
+        attr = struct.pack("<IIQQIIQII16sII", _BPF_PROG_TYPE_CGROUP_DEVICE, len(code) // 8,
+                           ctypes.addressof(insns), ctypes.addressof(license_), log_level,
+                           len(log) if log is not None else 0, ctypes.addressof(log) if log is not None else 0,
+                           0, 0, b"gpu_attach_dev", 0, _BPF_CGROUP_DEVICE)
         return _bpf(_BPF_PROG_LOAD, attr)
+
+    try:
+        # No verifier log unless it fails: a log that fills its buffer fails the load (ENOSPC).
+        return load(0, None)
     except FenceError as e:
-        verifier = log.value.decode(errors="replace").strip()
+        log = ctypes.create_string_buffer(1 << 16)
+        try:
+            return load(1, log)  # once more, to say why
+        except FenceError:
+            pass
+        verifier = log.value.decode(errors="replace").strip()[-2000:]
         raise FenceError(e.errno, f"{e.strerror}{': ' + verifier if verifier else ''}") from None
 
 
@@ -121,9 +137,12 @@ class BpfFence:
         self._prog: int | None = None
 
     def pin(self, minors: Iterable[int]) -> None:
-        new = load_program(minors)
+        """Attach the program for ``minors``, then detach the last one. If the detach fails, both
+        stay attached (the sandbox may open only what both allow) and this raises: the caller
+        replaces the sandbox."""
         fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
+            new = load_program(minors)
             try:
                 _attach(fd, new)
             except BaseException:
@@ -134,7 +153,7 @@ class BpfFence:
                 try:
                     _attach(fd, old, detach=True)
                 finally:
-                    os.close(old)
+                    os.close(old)  # attached or not, the cgroup holds what the kernel needs
         finally:
             os.close(fd)
 
@@ -146,13 +165,23 @@ class BpfFence:
 
 
 class ListFence:
-    """The fence of one cgroup v1 ``devices`` directory: a deny entry per fenced GPU minor."""
+    """The fence of one cgroup v1 ``devices`` directory: a deny entry per fenced GPU minor.
+
+    Only in a default-allow cgroup (``devices.list`` is ``a *:* rwm``): there a deny entry fences
+    its device. Under a default-deny parent (a container's device list) a deny entry only removes
+    an allow entry that matches it exactly, so it would fence nothing; the fence refuses to pin
+    there, and the agent reports it as missing."""
 
     def __init__(self, cgroup_dir: Path):
         self.dir = cgroup_dir
         self._denied: set[int] | None = None
 
     def pin(self, minors: Iterable[int]) -> None:
+        if self._denied is None:
+            listed = (self.dir / "devices.list").read_text().split()
+            if listed != ["a", "*:*", "rwm"]:
+                raise FenceError(errno.EPERM, f"{self.dir} is not a default-allow devices cgroup (its list: "
+                                              f"{' '.join(listed)[:200]}): deny entries would fence nothing")
         allowed = {int(m) for m in minors if 0 <= int(m) < FIRST_CONTROL_MINOR}
         deny = set(range(FIRST_CONTROL_MINOR)) - allowed
         before = self._denied if self._denied is not None else set()
@@ -169,3 +198,37 @@ class ListFence:
 
     def close(self) -> None:
         pass
+
+
+_NODE = re.compile(r"^/dev/nvidia(\d+)$")
+
+
+def held_minors(pids: Iterable[int], major: int = NVIDIA_MAJOR, node: re.Pattern = _NODE) -> set[int]:
+    """The GPU minors these processes hold open (a file descriptor on the node) or mapped (device
+    memory stays mapped after its descriptor is closed). The fence checks at ``open()`` only, so
+    a sandbox that holds a GPU it is no longer pinned to must be replaced, not re-pinned; this
+    also finds a descriptor passed in from another process over a unix socket."""
+    held: set[int] = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # gone
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == major:
+                held.add(os.minor(st.st_rdev))
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    parts = line.split(None, 5)
+                    if len(parts) == 6:
+                        m = node.match(parts[5].strip())
+                        if m:
+                            held.add(int(m.group(1)))
+        except OSError:
+            continue
+    return {m for m in held if m < FIRST_CONTROL_MINOR}

@@ -51,7 +51,10 @@ def nvml_devices(pool: str = "default") -> list[Device]:
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             name = text(pynvml.nvmlDeviceGetName(h))
-            minor = int(pynvml.nvmlDeviceGetMinorNumber(h))  # /dev/nvidia<minor>
+            try:
+                minor = int(pynvml.nvmlDeviceGetMinorNumber(h))  # /dev/nvidia<minor>
+            except pynvml.NVMLError:  # not on every platform (WSL): then it cannot be fenced
+                minor = None
             instances = _mig_instances(pynvml, h, int(pynvml.nvmlDeviceGetMemoryInfo(h).total))
             if instances is None:
                 devices.append(Device(index=len(devices), uuid=text(pynvml.nvmlDeviceGetUUID(h)), model=name,
