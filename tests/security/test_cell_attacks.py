@@ -88,16 +88,25 @@ def test_a_cell_sees_only_its_own_users_processes(alice, bob, site):
     """Command lines can carry secrets: a cell's /proc lists only its own uid's processes, so
     neither the agent (root) nor bob's sandbox is there, by listing or by pid; its own are."""
     agent_pid = site.agents["gpu-host-1"].pid
-    ns = run(alice, "import os, subprocess\n"
+    ns = run(alice, "import os, subprocess, time\n"
                     "child = subprocess.Popen(['sleep', '5'])\n"
+                    "r, w = os.pipe()\n"
+                    "forked = os.fork()\n"
+                    "if forked == 0:  # a forked child (no exec) sees its parent, the sandbox\n"
+                    "    os.write(w, b'1' if os.path.exists(f'/proc/{os.getppid()}/cmdline') else b'0')\n"
+                    "    time.sleep(5)\n"
+                    "    os._exit(0)\n"
+                    "saw_parent = os.read(r, 1) == b'1'\n"
                     "listed = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
                     "by_pid = {name: os.path.exists(f'/proc/{pid}/cmdline') for name, pid in\n"
-                    "          (('agent', agent_pid), ('bob', bob_pid), ('self', os.getpid()), ('child', child.pid))}\n"
+                    "          (('agent', agent_pid), ('bob', bob_pid), ('self', os.getpid()), ('child', child.pid),\n"
+                    "           ('forked', forked))}\n"
                     "uids = {os.stat(f'/proc/{p}').st_uid for p in listed}\n"
-                    "child.kill(); child.wait()\n"
+                    "child.kill(); child.wait(); os.kill(forked, 9); os.waitpid(forked, 0)\n"
                     "me, uid = os.getpid(), os.getuid()\n",
              {"agent_pid": agent_pid, "bob_pid": bob.info["pid"]})
-    assert ns["by_pid"] == {"agent": False, "bob": False, "self": True, "child": True}
+    assert ns["by_pid"] == {"agent": False, "bob": False, "self": True, "child": True, "forked": True}
+    assert ns["saw_parent"], "a forked child must see the sandbox that forked it (ps, psutil, /proc/$PPID)"
     assert ns["me"] in ns["listed"] and agent_pid not in ns["listed"] and bob.info["pid"] not in ns["listed"]
     assert ns["uids"] == {ns["uid"]}, "only the cell's own uid's processes are listed"
     # The host's /proc is untouched: the test process still sees both sandboxes.

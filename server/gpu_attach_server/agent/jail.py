@@ -13,8 +13,9 @@ parent-death signal still names the agent). Before any user code exists it:
 - mounts a ``/proc`` of its own with ``hidepid=invisible``: once the sandbox runs as its user's
   uid, it sees only that uid's processes, not the agent's or other users' (their command lines,
   their ``/proc/PID`` at all). Kernels before 5.8 share one set of proc options per pid namespace,
-  so this would hide processes on the host too; there ``/proc`` is left as it is, and the agent
-  says so (:func:`private_proc_supported`).
+  so this would hide processes on the host too; there, and where the mount is refused (a user
+  namespace with masked /proc paths), ``/proc`` is left as it is, and the agent says so
+  (:func:`probe_private_proc`).
 
 The uid change itself happens in the sandbox when it is claimed for a user.
 """
@@ -76,6 +77,26 @@ def private_proc_supported(release: str | None = None) -> bool:
     return (major, minor) >= (5, 8)
 
 
+def probe_private_proc() -> str | None:
+    """Whether this host lets the jail mount a /proc of its own (None) or why not: tried in a
+    throwaway process, once, when a root agent starts. A user namespace whose /proc has masked
+    paths (rootless podman, LXC) refuses the mount; there /proc is left as it is."""
+    if not private_proc_supported():
+        return f"Linux {os.uname().release} shares proc options with the host (5.8 or later needed)"
+    import subprocess
+
+    try:
+        done = subprocess.run([sys.executable, "-m", "gpu_attach_server.agent.jail", "--probe-proc"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
+    return None if done.returncode == 0 else (done.stderr.strip() or f"exit code {done.returncode}")[-300:]
+
+
+def _mount_private_proc() -> None:
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
+
+
 def needed_paths() -> list[str]:
     """What the sandbox's interpreter reads: its executable, prefixes and import path."""
     paths = {os.path.dirname(os.path.realpath(sys.executable)), sys.prefix, sys.base_prefix, sys.exec_prefix,
@@ -126,11 +147,20 @@ def enter(config: dict) -> None:
     for fd in fds.values():
         os.close(fd)
     # Last: the binds above name their sources through the host's /proc/self/fd.
-    if config.get("private_proc") and private_proc_supported():
-        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
+    if config.get("private_proc"):  # the agent probed it (probe_private_proc)
+        _mount_private_proc()
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--probe-proc"]:
+        try:
+            _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+            _mount(None, "/", None, MS_REC | MS_PRIVATE)
+            _mount_private_proc()
+        except OSError as e:
+            print(e, file=sys.stderr)
+            os._exit(1)
+        os._exit(0)
     config = json.loads(os.environ.pop("GPU_ATTACH_JAIL"))
     try:
         enter(config)

@@ -490,6 +490,17 @@ def _die_with_parent(agent_pid: int) -> bool:
     return armed
 
 
+def _dumpable() -> None:
+    """Changing uid made this process non-dumpable: its /proc entries stay root's, and under the
+    jail's ``hidepid`` /proc its own processes could not see it, nor it the children it forks
+    (``ps``, psutil, ``/proc/$PPID``). It holds nothing of root's any more (the uid change was
+    the last privileged step), so it becomes an ordinary process of its user again."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(4, 1)  # PR_SET_DUMPABLE
+    except (OSError, AttributeError):
+        pass
+
+
 def _watch_parent(agent_pid: int) -> None:
     """Exit as soon as the agent is gone, so no cell keeps running without its agent."""
     while True:
@@ -522,6 +533,7 @@ def main() -> None:
             os.setuid(claim["uid"])
             if not _die_with_parent(int(boot["agent_pid"])):  # changing uid cleared the death signal
                 threading.Thread(target=_watch_parent, args=(int(boot["agent_pid"]),), daemon=True).start()
+            _dumpable()
         if claim.get("simulated"):
             from . import simulated_cupy
 
