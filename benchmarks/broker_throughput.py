@@ -225,12 +225,19 @@ def lean_lister(url: str, stop_at: float, out: list) -> None:
         while time.time() < stop_at:
             t = time.perf_counter()
             s.sendall(request)
-            status, length = int(f.readline()[9:12]), None
-            for line in iter(f.readline, b"\r\n"):
+            top, length = f.readline(), None
+            while True:
+                line = f.readline()
+                if not line:
+                    raise RuntimeError("the broker closed the listing's connection")
+                if line == b"\r\n":
+                    break
                 name, _, value = line.partition(b":")
                 if name.lower() == b"content-length":
                     length = int(value)
-            page = f.read(length)
+            if not top.startswith(b"HTTP/1.1 ") or length is None:
+                raise RuntimeError(f"a listing answered without a status line or a length: {top[:100]!r}")
+            status, page = int(top[9:12]), f.read(length)
             if status != 200:
                 raise RuntimeError(f"the listing answered {status}: {page[:300]!r}")
             leases = orjson.loads(page)["leases"]
