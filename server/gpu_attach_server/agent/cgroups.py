@@ -93,6 +93,11 @@ class Cgroup:
         """Raise or lower the host-memory limit (a lower one than in use now is kept as is)."""
         try:
             if self.tree.version == 2:
+                # v2 takes a limit below the usage and then reclaims, and failing that OOM-kills the
+                # sandbox (v1 refuses it with EBUSY): a session whose next cell asks for a smaller
+                # slice than its namespace now fills would lose it. Keep the old limit instead.
+                if limit < int(_read(self.dirs["unified"] / "memory.current")):
+                    return
                 _write(self.dirs["unified"] / "memory.max", str(limit))
                 if (self.dirs["unified"] / "memory.swap.max").exists():
                     _write(self.dirs["unified"] / "memory.swap.max", "0")
