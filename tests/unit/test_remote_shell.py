@@ -106,3 +106,31 @@ def test_device_values_are_parked_between_cells(shell, monkeypatch):
     np.testing.assert_array_equal(shell.ns["d"].host, np.arange(5.0))
     assert shell.parked == {}
     shell.ns.pop("d"), shell.ns.pop("alias")
+
+
+def test_a_returned_device_value_leaves_the_gpu_with_the_namespace(shell, monkeypatch):
+    """collect() keeps what a cell returns in the value cache, by content, for a later cell that
+    sends it back. Parking must not leave the device array there: on a real GPU that held the
+    array's memory between cells (found by `pytest -m gpu` on an H200)."""
+    import gc
+    import weakref
+
+    ndarray = type("ndarray", (), {"__module__": "cupy", "__init__": lambda self, host: setattr(self, "host", host),
+                                   "get": lambda self: self.host.copy()})
+    fake = types.ModuleType("cupy")
+    fake.ndarray = ndarray
+    fake.asarray = lambda host: ndarray(np.asarray(host))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    d = ndarray(np.arange(5.0))
+    on_gpu = weakref.ref(d)
+    shell.ns.update(keep=d, alias=d)
+    del d
+    header, _buffers, stays = shell.collect(["keep", "alias"])
+    assert set(header["values"]) == {"keep", "alias"} and not stays  # sent home, and cached
+    assert shell.park() == ["alias", "keep"]
+    gc.collect()
+    assert on_gpu() is None, "a parked device array is still held (by the value cache)"
+    assert shell.ns["keep"] is shell.ns["alias"] and type(shell.ns["keep"]) is np.ndarray
+    shell.unpark(["keep", "alias"])  # and it comes back as one device array
+    assert isinstance(shell.ns["keep"], ndarray) and shell.ns["keep"] is shell.ns["alias"]
+    shell.ns.pop("keep"), shell.ns.pop("alias")

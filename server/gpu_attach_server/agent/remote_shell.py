@@ -133,6 +133,16 @@ class ValueCache:
                 del self._items[digest]
                 self._size -= n
 
+    def rewrite(self, swap) -> None:
+        """Each cached value ``v`` becomes ``swap(v)``; those it maps to ``_MISSING`` are forgotten."""
+        for digest, (v, n) in list(self._items.items()):
+            new = swap(v)
+            if new is _MISSING:
+                del self._items[digest]
+                self._size -= n
+            elif new is not v:
+                self._items[digest] = (new, n)
+
     def get(self, digest: str) -> Any:
         item = self._items.get(digest)
         if item is None:
@@ -263,6 +273,10 @@ class RemoteShell:
             torch = None
         if cp is None and torch is None:
             return []
+        def on_gpu(value) -> bool:
+            return ((cp is not None and isinstance(value, cp.ndarray))
+                    or (torch is not None and isinstance(value, torch.Tensor) and value.is_cuda))
+
         moved: dict[int, tuple[Any, str]] = {}  # id(device value) -> (host value, what it was)
         for name, value in list(self.ns.items()):
             if not is_shippable_name(name):
@@ -284,6 +298,10 @@ class RemoteShell:
             host, kind = moved[id(value)]
             self.ns[name] = host
             self.parked[name] = kind
+        # What cells returned is cached by content, for a later cell that sends it back: a device
+        # value there would hold its GPU memory all the same. The cache keeps the host copy the
+        # namespace now holds (one object, as before), and forgets device values no name holds.
+        self.cache.rewrite(lambda v: moved[id(v)][0] if id(v) in moved else _MISSING if on_gpu(v) else v)
         return sorted(self.parked)
 
     def unpark(self, names) -> None:
