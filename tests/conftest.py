@@ -63,8 +63,10 @@ class Site:
                 self.credentials[name] = r.json()["token"]
         return self.credentials[name]
 
-    def start_agent(self, name: str = "gpu-host-1", simulate: int = 2, memory: str = "16GiB",
+    def start_agent(self, name: str = "gpu-host-1", simulate: int | None = 2, memory: str = "16GiB",
                     extra: tuple = ()) -> subprocess.Popen:
+        """An enrolled agent: ``simulate`` SIMULATED devices of ``memory`` each, or with
+        ``simulate=None`` this host's real GPUs (NVML)."""
         env = {k: v for k, v in self.env().items()
                if k not in ("GPU_ATTACH_USER_TOKENS", "GPU_ATTACH_ADMIN_TOKEN", "GPU_ATTACH_AGENT_TOKENS")}
         env["GPU_ATTACH_AGENT_TOKEN"] = TOKENS["agent9"] if name == "gpu-host-9" else self.enrol(name)
@@ -72,8 +74,8 @@ class Site:
             extra = (*extra, "--allow-unenforced")
         proc = subprocess.Popen(
             [sys.executable, "-m", "gpu_attach_server.cli", *os.environ.get("GPA_TEST_AGENT_LOG", "").split(), "agent", "--broker", self.url, "--name", name,
-             "--simulate", str(simulate), "--memory", memory, "--state-dir", str(self.tmp / f"agent-{name}"),
-             *extra],
+             *(() if simulate is None else ("--simulate", str(simulate), "--memory", memory)),
+             "--state-dir", str(self.tmp / f"agent-{name}"), *extra],
             env=env, stdout=subprocess.PIPE, text=True)
         self.procs.append(proc)
         self.ready[name] = wait_ready(proc, f"agent {name}")

@@ -14,21 +14,13 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def gpu_site(tmp_path_factory):
+    """A broker and an enrolled agent serving this host's real GPUs (as root: per-user uids,
+    cgroups and the GPU device fence, as a shared site runs it)."""
     s = Site(tmp_path_factory.mktemp("gpu-site"))
     s.start_broker()
-    import subprocess
-    import sys
-
-    from gpu_attach_server.cli import wait_ready
-
-    env = {k: v for k, v in s.env().items() if k not in ("GPU_ATTACH_USER_TOKENS", "GPU_ATTACH_ADMIN_TOKEN")}
-    proc = subprocess.Popen([sys.executable, "-m", "gpu_attach_server.cli", "agent", "--broker", s.url, "--name", "gpu"],
-                            env=env, stdout=subprocess.PIPE, text=True)
-    s.procs.append(proc)
-    ready = wait_ready(proc, "the agent")
-    s.agents["gpu"] = proc
-    s.devices = ready["devices"]
-    s.ready = ready
+    s.start_agent("gpu", simulate=None)
+    s.devices = s.ready["gpu"]["devices"]
+    s.ready = s.ready["gpu"]
     yield s
     s.stop()
 

@@ -176,8 +176,8 @@ def test_a_cell_cannot_open_a_gpu_node_outside_its_lease(alice):
 
     Nodes like the host's /dev/nvidia0..3 (major 195) are made in the cell's own working directory
     (a cell cannot mknod). No driver backs them here, so an open the fence lets through fails with
-    ENXIO, as /dev/nvidiactl's does; one the fence stops fails with EPERM. The devices here are
-    simulated, so this sandbox may open no GPU node at all."""
+    ENXIO, as /dev/nvidiactl's does (on a GPU host, nvidiactl opens); one the fence stops fails with
+    EPERM. The devices here are simulated, so this sandbox may open no GPU node at all."""
     import os as host_os
 
     home = run(alice, "import os\nhome = os.environ['HOME']")["home"]
@@ -193,7 +193,9 @@ def test_a_cell_cannot_open_a_gpu_node_outside_its_lease(alice):
                     "        got[name] = 'opened'\n"
                     "    except OSError as e:\n"
                     "        got[name] = errno.errorcode[e.errno]\n")
-    assert ns["got"] == {"nvidia0": "EPERM", "nvidia1": "EPERM", "nvidia3": "EPERM", "nvidiactl": "ENXIO"}
+    got = ns["got"]
+    assert {k: got[k] for k in ("nvidia0", "nvidia1", "nvidia3")} == dict.fromkeys(("nvidia0", "nvidia1", "nvidia3"), "EPERM")
+    assert got["nvidiactl"] in ("ENXIO", "opened"), got  # reached the driver (there is one on a GPU host)
 
 
 def test_a_fork_bomb_hits_the_pids_limit_and_harms_no_one_else(site):
