@@ -51,15 +51,15 @@ def test_a_sandbox_that_loaded_a_gpu_library_is_replaced_not_moved():
     sim = {i: SimpleNamespace(simulated=True, uuid=f"SIM-{i}") for i in range(4)}
     handle = SandboxHandle(("alice", "nb"), proc=None, ctl=None, workdir="/tmp", devices=(0,))
     may = Agent._may_run_on
-    assert may(SimpleNamespace(devices=real, _gpu_nodes=False), handle, {"gpus": [0]})
-    assert may(SimpleNamespace(devices=real, _gpu_nodes=False), handle, {"gpus": [1]})  # no GPU library yet: re-pinned
+    assert may(SimpleNamespace(devices=real), handle, {"gpus": [0]})
+    assert may(SimpleNamespace(devices=real), handle, {"gpus": [1]})  # no GPU library yet: re-pinned
     handle.gpu_bound = True
-    assert may(SimpleNamespace(devices=real, _gpu_nodes=False), handle, {"gpus": [0]})
-    assert not may(SimpleNamespace(devices=real, _gpu_nodes=False), handle, {"gpus": [1]})
-    assert not may(SimpleNamespace(devices=real, _gpu_nodes=False), handle, {"gpus": [0, 1]})
+    assert may(SimpleNamespace(devices=real), handle, {"gpus": [0]})
+    assert not may(SimpleNamespace(devices=real), handle, {"gpus": [1]})
+    assert not may(SimpleNamespace(devices=real), handle, {"gpus": [0, 1]})
     moved = SandboxHandle(("alice", "nb"), proc=None, ctl=None, workdir="/tmp", devices=(0,), simulated=True,
                           gpu_bound=True)
-    assert may(SimpleNamespace(devices=sim, _gpu_nodes=False), moved, {"gpus": [3]})  # simulated devices hold no context
-    assert not may(SimpleNamespace(devices=real, _gpu_nodes=False), moved, {"gpus": [3]})  # nor does it become real
+    assert may(SimpleNamespace(devices=sim), moved, {"gpus": [3]})  # simulated devices hold no context
+    assert not may(SimpleNamespace(devices=real), moved, {"gpus": [3]})  # nor does it become real
     assert Agent._visible(SimpleNamespace(devices=real), [2, 0]) == "GPU-2,GPU-0"
     assert Agent._visible(SimpleNamespace(devices=sim), [1]) == ""

@@ -165,8 +165,8 @@ def test_held_minors_finds_open_and_mapped_nodes(tmp_path):
 
 
 def test_a_sandbox_holding_another_gpu_is_replaced_not_repinned(monkeypatch):
-    """Agent._may_run_on with the scan's answer given: a sandbox that holds GPU 0's node open may
-    not run a cell leased GPU 1 (the fence only checks at open), whatever it says of itself."""
+    """Agent._holds_other_gpus with the scan's answer given: a sandbox that holds GPU 0's node open
+    may not run a cell leased GPU 1 (the fence only checks at open), whatever it says of itself."""
     import subprocess as sp
 
     from gpu_attach_server.agent import agent as agent_mod
@@ -185,12 +185,14 @@ def test_a_sandbox_holding_another_gpu_is_replaced_not_repinned(monkeypatch):
     s.proc.wait()
     held = {0}
     monkeypatch.setattr(agent_mod, "held_minors", lambda pids: set(held))
-    assert agent._may_run_on(s, {"gpus": [0]}) is True  # its own lease's GPU
-    assert agent._may_run_on(s, {"gpus": [1]}) is False  # GPU 0 still open: replace it
+    assert agent._holds_other_gpus(s, (0,)) is False  # its own lease's GPU
+    assert agent._holds_other_gpus(s, (1,)) is True  # GPU 0 still open: replace it
     held.clear()
-    assert agent._may_run_on(s, {"gpus": [1]}) is True  # nothing held: re-pinned
+    assert agent._holds_other_gpus(s, (1,)) is False  # nothing held: re-pinned
     held.add(1)
-    assert agent._may_run_on(s, {"gpus": [0]}) is False  # a node passed in from elsewhere
+    assert agent._holds_other_gpus(s, (0,)) is True  # a node passed in from elsewhere
+    agent._gpu_nodes = False
+    assert agent._holds_other_gpus(s, (0,)) is False  # no GPU node on the host: nothing to scan
 
 
 @needs_root

@@ -408,6 +408,9 @@ class Agent:
                     if state == "abandoned":  # its kernel gave up on the last cell: start afresh
                         self._kill_locked(sandbox)
                         continue
+                    if self._holds_other_gpus(sandbox, tuple(claims["gpus"])):
+                        self._kill_locked(sandbox)  # the next turn claims a fresh one
+                        continue
                     confirmed = None
                     if float(claims["exp"]) - time.time() - self._margin(claims) < 0.5:
                         # a slow start used up most of the grant: ask the broker first
@@ -743,19 +746,23 @@ class Agent:
 
     def _may_run_on(self, s: SandboxHandle, claims: dict) -> bool:
         devices = tuple(claims["gpus"])
-        if devices != s.devices:
-            simulated = all(self.devices[i].simulated for i in devices)
-            if simulated != s.simulated or not (simulated or not s.gpu_bound):
-                return False
-        # The fence checks at open(): a GPU node the sandbox still holds open or mapped (its own
-        # doing, or a descriptor passed in from elsewhere) would outlive the lease it was opened
-        # under. Such a sandbox is replaced. Checked wherever the host has GPU nodes to hold.
-        if self._gpu_nodes and s.cgroup is not None:
-            held = held_minors(s.cgroup.pids() or [s.proc.pid])
-            if not held <= set(self._minors(devices)):
-                log.warning("sandbox pid %d holds GPU node(s) %s outside its lease's devices %s: replacing it",
-                            s.proc.pid, sorted(held), list(devices))
-                return False
+        if devices == s.devices:
+            return True
+        simulated = all(self.devices[i].simulated for i in devices)
+        return simulated == s.simulated and (simulated or not s.gpu_bound)
+
+    def _holds_other_gpus(self, s: SandboxHandle, devices: tuple) -> bool:
+        """Whether the (frozen) sandbox holds a GPU node open or mapped outside these devices. The
+        fence checks at open(), so such a node (opened under an earlier lease, or a descriptor
+        passed in from elsewhere) would outlive the lease it came with: the sandbox is replaced.
+        Looked for wherever the host has GPU nodes to hold."""
+        if not self._gpu_nodes or s.cgroup is None:
+            return False
+        held = held_minors(s.cgroup.pids() or [s.proc.pid])
+        if held <= set(self._minors(devices)):
+            return False
+        log.warning("sandbox pid %d holds GPU node(s) %s outside its lease's devices %s: replacing it",
+                    s.proc.pid, sorted(held), list(devices))
         return True
 
     def _take_spare(self) -> tuple[subprocess.Popen, socket.socket, Cgroup | None]:
