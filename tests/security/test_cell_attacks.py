@@ -171,7 +171,7 @@ def test_a_setsid_child_is_frozen_between_cells_and_dies_with_the_session(alice,
     assert not _alive(pid), "a process a cell started outlived its session"
 
 
-def test_a_cell_cannot_open_a_gpu_node_outside_its_lease(alice):
+def test_a_cell_cannot_open_a_gpu_node_outside_its_lease(site):
     """Clearing CUDA_VISIBLE_DEVICES gains nothing: the kernel refuses to open the host's GPU nodes.
 
     Nodes like the host's /dev/nvidia0..3 (major 195) are made in the cell's own working directory
@@ -180,6 +180,7 @@ def test_a_cell_cannot_open_a_gpu_node_outside_its_lease(alice):
     EPERM. The devices here are simulated, so this sandbox may open no GPU node at all."""
     import os as host_os
 
+    alice = GPUSession(site.url, TOKENS["alice"], session_id="alice-gpu-nodes")  # a session of its own
     home = run(alice, "import os\nhome = os.environ['HOME']")["home"]
     for name, minor in [("nvidia0", 0), ("nvidia1", 1), ("nvidia3", 3), ("nvidiactl", 255)]:
         host_os.mknod(f"{home}/{name}", 0o20666, host_os.makedev(195, minor))
@@ -193,6 +194,7 @@ def test_a_cell_cannot_open_a_gpu_node_outside_its_lease(alice):
                     "        got[name] = 'opened'\n"
                     "    except OSError as e:\n"
                     "        got[name] = errno.errorcode[e.errno]\n")
+    alice.broker.end_session(alice.session_id)
     got = ns["got"]
     assert {k: got[k] for k in ("nvidia0", "nvidia1", "nvidia3")} == dict.fromkeys(("nvidia0", "nvidia1", "nvidia3"), "EPERM")
     assert got["nvidiactl"] in ("ENXIO", "opened"), got  # reached the driver (there is one on a GPU host)
