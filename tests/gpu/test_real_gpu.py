@@ -17,12 +17,14 @@ def gpu_site(tmp_path_factory):
     """A broker and an enrolled agent serving this host's real GPUs (as root: per-user uids,
     cgroups and the GPU device fence, as a shared site runs it)."""
     s = Site(tmp_path_factory.mktemp("gpu-site"))
-    s.start_broker()
-    s.start_agent("gpu", simulate=None)
-    s.devices = s.ready["gpu"]["devices"]
-    s.ready = s.ready["gpu"]
-    yield s
-    s.stop()
+    try:
+        s.start_broker()
+        s.start_agent("gpu", simulate=None)
+        s.devices = s.ready["gpu"]["devices"]
+        s.ready = s.ready["gpu"]
+        yield s
+    finally:  # an agent that does not start must not leave the broker running
+        s.stop()
 
 
 @pytest.fixture(scope="module")
