@@ -13,6 +13,7 @@ import select
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, MutableMapping, TextIO
 
@@ -44,6 +45,9 @@ ADMISSION_TIMEOUT_S = 120.0
 #: After an interrupt or timeout, how long the remote code gets to stop before we hang up.
 INTERRUPT_GRACE_S = 5.0
 
+#: How often a session says it is alive until the broker says otherwise (its ``beat_s``).
+SESSION_BEAT_S = 5.0
+
 
 @dataclass
 class CellResult:
@@ -60,10 +64,16 @@ class CellResult:
 
 
 class _Renewer:
-    """Keeps the running cell's lease alive: one thread per session, woken on a timer only.
+    """Keeps the running cell's lease alive, and tells the broker the session is: one thread per
+    session, woken on a timer only.
 
     A thread started (and stopped) per cell cost more than a whole trivial cell, so the cell
     just points this at its lease; the lease is renewed once it is a third of its TTL old.
+
+    From the session's first cell on, the session beats (``POST /v1/sessions/ID/alive``, every
+    ``beat_s`` the broker asks for). A kernel that dies without ending its session (killed, or
+    crashed) stops beating, and the broker has the agents reclaim its sandbox within the timeout,
+    instead of the sandbox's processes waiting out the agent's idle limit.
     """
 
     def __init__(self, broker: BrokerClient):
@@ -74,6 +84,10 @@ class _Renewer:
         self._lease: dict | None = None
         self._renewed_at = 0.0
         self._period = 1.0
+        self._session: str | None = None  # the session that beats, once it has run a cell
+        self._beat_s = SESSION_BEAT_S
+        self._beat_at = float("-inf")
+        self._stopped = False
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -81,35 +95,69 @@ class _Renewer:
         ttl = float(lease["ttl_s"])
         self._renewed_at = time.monotonic()
         self._lease = lease
-        if ttl / 6 < self._period or self._thread is None:
+        if ttl / 6 < self._period:
             self._period = max(ttl / 6, 0.02)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="gpu-attach-renew", daemon=True)
-                self._thread.start()
-            else:
-                self._wake.set()  # rare: a shorter TTL than before
+            self._wake.set()  # rare: a shorter TTL than before
+        self._start()
 
     def untrack(self) -> None:
         lease, self._lease = self._lease, None
         if lease is not None:
             self.lost.pop(lease["id"], None)
 
+    def beat(self, session: str) -> None:
+        """Beat for ``session`` from now on (the first beat goes out at once)."""
+        if self._session != session:
+            self._session, self._beat_at = session, float("-inf")
+            self._wake.set()
+        self._start()
+
+    def stop_beating(self) -> None:
+        self._session = None
+
+    def stop(self) -> None:
+        """No more renewals or beats: the session was replaced or collected."""
+        self._stopped, self._session, self._lease = True, None, None
+        self._wake.set()
+
+    def _start(self) -> None:
+        if self._thread is None and not self._stopped:
+            self._thread = threading.Thread(target=self._run, name="gpu-attach-renew", daemon=True)
+            self._thread.start()
+
     def _run(self) -> None:
-        while True:
-            self._wake.wait(self._period)
+        while not self._stopped:
+            self._wake.wait(min(self._period, self._beat_s))
             self._wake.clear()
-            lease = self._lease
-            if lease is None or time.monotonic() - self._renewed_at < float(lease["ttl_s"]) / 3:
-                continue
-            try:
-                self.broker.renew(lease["id"])
-                self._renewed_at = time.monotonic()
-            except LeaseLost as e:
-                self.lost[lease["id"]] = str(e)
-                if self._lease is lease:
-                    self._lease = None
-            except GPUAttachError:
-                continue  # a broker blip: the lease lives until its TTL; try again next tick
+            self._renew()
+            self._beat()
+
+    def _renew(self) -> None:
+        lease = self._lease
+        if lease is None or time.monotonic() - self._renewed_at < float(lease["ttl_s"]) / 3:
+            return
+        try:
+            self.broker.renew(lease["id"])
+            self._renewed_at = time.monotonic()
+        except LeaseLost as e:
+            self.lost[lease["id"]] = str(e)
+            if self._lease is lease:
+                self._lease = None
+        except GPUAttachError:
+            pass  # a broker blip: the lease lives until its TTL; try again next tick
+
+    def _beat(self) -> None:
+        session = self._session
+        if session is None or time.monotonic() - self._beat_at < self._beat_s:
+            return
+        self._beat_at = time.monotonic()
+        try:
+            answer = self.broker.session_alive(session)
+        except GPUAttachError:
+            return  # a broker blip, or a broker from before beats: try again next time
+        beat_s = answer.get("beat_s") if isinstance(answer, dict) else None
+        if isinstance(beat_s, (int, float)) and beat_s > 0:
+            self._beat_s = min(max(float(beat_s), 0.05), 60.0)
 
 
 class GPUSession:
@@ -130,6 +178,8 @@ class GPUSession:
         self._told_simulated = False
         self._lock = threading.Lock()  # one cell at a time per session
         self._renewer = _Renewer(self.broker)
+        # A session dropped without close() stops beating, and the broker ends it in time.
+        weakref.finalize(self, _Renewer.stop, self._renewer)
 
     def run(
         self,
@@ -169,6 +219,7 @@ class GPUSession:
             t_lease = time.perf_counter()
             self.active_lease = lease
             self._renewer.track(lease)
+            self._renewer.beat(self.session_id)  # from its first cell, the session has a sandbox to keep
             try:
                 if lease.get("simulated") and not self._told_simulated:
                     self._told_simulated = True
@@ -277,7 +328,12 @@ class GPUSession:
     def set_token(self, token: str) -> None:
         """Use another user token from the next request on (the broker URL stays)."""
         self.broker = BrokerClient(self.broker.url, token)
-        self._renewer = _Renewer(self.broker)
+        old, self._renewer = self._renewer, _Renewer(self.broker)
+        beating = old._session is not None
+        old.stop()
+        weakref.finalize(self, _Renewer.stop, self._renewer)
+        if beating:
+            self._renewer.beat(self.session_id)
 
     def check_environment(self, relay: Any = None) -> CellResult:
         """Run an empty cell: starts (warms) the session's sandbox and compares its environment."""
@@ -289,6 +345,7 @@ class GPUSession:
 
     def close(self) -> None:
         """End the session: its sandbox is ended, and an embedded broker this session started stops."""
+        self._renewer.stop_beating()
         end = getattr(self.broker, "end_session", None)
         if end is not None and self.remote.sandbox is not None:
             try:

@@ -1,5 +1,6 @@
-"""The broker core's tests (tests/unit/test_broker_core.py) and the queue and quota scenarios
-(test_queue.py), run again on a real PostgreSQL server: the store claims to support it."""
+"""The broker core's tests (tests/unit/test_broker_core.py), the queue and quota scenarios
+(test_queue.py) and the session registry's (tests/unit/test_sessions.py), run again on a real
+PostgreSQL server: the store claims to support it."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ def _load(name: str, path: Path):
 
 _core = _load("_pg_test_broker_core", HERE.parent / "unit" / "test_broker_core.py")
 _queue = _load("_pg_test_queue", HERE / "test_queue.py")
+_sessions = _load("_pg_test_sessions", HERE.parent / "unit" / "test_sessions.py")
 _engines = []
 
 
@@ -58,18 +60,24 @@ def _on_postgres(pg, monkeypatch):
 
     monkeypatch.setattr(_core, "make_broker", make_broker)
     monkeypatch.setattr(_queue, "make_engine", lambda _path: _engines.append(make_engine(pg.fresh_database())) or _engines[-1])
+    monkeypatch.setattr(_sessions, "make_store", lambda _path: Store(_engines.append(make_engine(pg.fresh_database())) or _engines[-1]))
     yield
     while _engines:
         _engines.pop().dispose()
 
 
 # The copied tests and their fixtures, collected here under the PostgreSQL fixture above.
-for _mod in (_core, _queue):
+for _mod in (_core, _queue, _sessions):
     for _name, _obj in vars(_mod).items():
-        if _name.startswith("test_") or _name in ("broker", "make"):
+        if _name.startswith("test_") or _name in ("broker", "make", "replicas"):
+            assert _name not in globals(), f"two copied tests are named {_name}"
             globals()[_name] = _obj
 
 
 def test_the_copies_really_run_on_postgresql(broker):
     assert broker.store.engine.dialect.name == "postgresql"
     assert not broker.store.is_sqlite
+
+
+def test_the_session_copies_really_run_on_postgresql(replicas):
+    assert replicas[0].store.engine.dialect.name == "postgresql"

@@ -13,7 +13,8 @@
   (``POST .../leases/{lease}/ended``), which frees the slice at once when a kernel dies mid-cell.
   A kernel beats ``POST /v1/sessions/{sid}/alive`` and ends with ``DELETE /v1/sessions/{sid}``;
   agents learn of ended or silent sessions from ``GET /v1/agents/{id}/session-ends`` and reclaim
-  their sandboxes within seconds.
+  their sandboxes within seconds. Beats and ends are kept in the database, so a kernel may beat
+  one broker replica while its agent asks another.
 
 Installed by :func:`install` (one line in ``app.py``); nothing in ``core.py`` changes.
 """
@@ -25,7 +26,6 @@ import base64
 import hashlib
 import os
 import secrets
-import threading
 import time
 from typing import Annotated
 
@@ -33,7 +33,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Column, Float, Index, LargeBinary, MetaData, String, Table, Text, and_, insert, select, update
+from sqlalchemy import (Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text, and_, delete, func,
+                        insert, select, update)
+from sqlalchemy.exc import IntegrityError
 
 from .auth import ANY_AGENT, Principal, TokenBook
 from .store import leases
@@ -44,8 +46,14 @@ SessionId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:@-]{1,128}$")]
 
 WATCH_POLL_S = 0.02  # how often a waiting watch looks at the lease: the 100 ms budget, with room
 WATCH_MAX_S = 10.0
-SESSION_BEAT_S = 2.0  # how often a kernel says its session is alive
-SESSION_TIMEOUT_S = 6.0  # a session silent this long (its kernel died) is ended
+# A session silent this long (its kernel died) is ended, and its sandbox with it. Generous: a live
+# kernel's beat thread can be held off by one long call that keeps the GIL (unpickling a big
+# result), and a false end loses what lived only in the sandbox; a dead kernel's sandbox, frozen
+# and holding no GPU, costs only host memory meanwhile. Kernels beat timeout / SESSION_BEATS.
+SESSION_TIMEOUT_S = 30.0
+SESSION_BEATS = 6
+SESSION_CHECK_S = 1.0  # how often a replica looks for silent sessions (at most)
+SESSION_LATEST_S = 0.25  # how long a replica trusts its copy of the end log's newest entry
 MAX_SESSION_EVENTS = 10000
 KEY_CACHE_S = 5.0  # how long a replica trusts its cached copy of an agent's public key
 
@@ -60,6 +68,23 @@ agent_identities = Table(
     Column("token_digest", LargeBinary(32), nullable=True, unique=True),  # admin-issued credential
     Column("public_key", Text, nullable=True),  # the agent's Ed25519 key, PEM
     Column("updated_at", Float, nullable=False),
+)
+# The last beat of each live notebook session (broker wall-clock time).
+session_beats = Table(
+    "session_beats",
+    _meta,
+    Column("user", String(128), primary_key=True),
+    Column("session", String(128), primary_key=True),
+    Column("beat_at", Float, nullable=False),
+)
+# Sessions that ended (by their kernel, or by its silence), in order: what agents follow.
+session_ends = Table(
+    "session_ends",
+    _meta,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("user", String(128), nullable=False),
+    Column("session", String(128), nullable=False),
+    Column("at", Float, nullable=False),
 )
 
 
@@ -81,43 +106,95 @@ class CellEnded(BaseModel):
 
 
 class Sessions:
-    """Which notebook sessions are alive, and an ordered log of those that ended (per replica:
-    a kernel beats the replica it talks to; a missed end only means the idle limit reclaims)."""
+    """Which notebook sessions are alive, and the ordered log of those that ended, kept in the
+    broker's database: every replica sees the same beats and the same log, so a kernel that
+    beats one replica is not taken for dead by another, whose agents would then kill its sandbox.
 
-    def __init__(self, timeout_s: float = SESSION_TIMEOUT_S):
-        self.timeout_s = timeout_s
-        self._lock = threading.Lock()
-        self._alive: dict[tuple[str, str], float] = {}
-        self._log: list[tuple[int, str, str]] = []
-        self._seq = 0
+    A session is alive from its first beat until its kernel ends it or stops beating for
+    ``timeout_s``. (On PostgreSQL two ends committed out of order can leave the later-numbered
+    one seen first, and the other missed by an agent that had read past it: that sandbox is then
+    reclaimed by the agent's idle limit, as before any of this.)"""
+
+    def __init__(self, store, timeout_s: float = SESSION_TIMEOUT_S, clock=time.time):
+        if not timeout_s > 0:
+            raise ValueError(f"the session timeout must be positive, not {timeout_s!r} (GPU_ATTACH_SESSION_TIMEOUT_S)")
+        self.store, self.timeout_s, self.clock = store, float(timeout_s), clock
+        self.beat_s = self.timeout_s / SESSION_BEATS
+        self._checked = float("-inf")  # monotonic time of the last look for silent sessions
+        self._latest: tuple[float, int] | None = None  # (monotonic time read, newest seq)
+        _meta.create_all(store.engine, tables=[session_beats, session_ends])
+        # A broker that was down did not hear the beats meanwhile: every session it knew gets a
+        # fresh timeout to beat again, rather than being ended for the broker's own absence.
+        with store.write() as conn:
+            conn.execute(update(session_beats).values(beat_at=self.clock()))
+
+    @staticmethod
+    def _key(user: str, session: str):
+        return and_(session_beats.c.user == user, session_beats.c.session == session)
 
     def beat(self, user: str, session: str) -> None:
-        with self._lock:
-            self._alive[(user, session)] = time.monotonic()
+        try:
+            with self.store.write() as conn:
+                if not conn.execute(update(session_beats).where(self._key(user, session))
+                                    .values(beat_at=self.clock())).rowcount:
+                    conn.execute(insert(session_beats).values(user=user, session=session, beat_at=self.clock()))
+        except IntegrityError:
+            pass  # another replica inserted the same session's first beat at the same moment
 
     def end(self, user: str, session: str) -> None:
-        with self._lock:
-            self._alive.pop((user, session), None)
-            self._append(user, session)
-
-    def _append(self, user: str, session: str) -> None:
-        self._seq += 1
-        self._log.append((self._seq, user, session))
-        if len(self._log) > MAX_SESSION_EVENTS:
-            del self._log[: len(self._log) - MAX_SESSION_EVENTS]
+        with self.store.write() as conn:
+            conn.execute(delete(session_beats).where(self._key(user, session)))
+            self._log(conn, [(user, session)])
 
     def expire(self) -> None:
-        cutoff = time.monotonic() - self.timeout_s
-        with self._lock:
-            for key in [k for k, t in self._alive.items() if t < cutoff]:
-                del self._alive[key]
-                self._append(*key)
+        """End the sessions silent for ``timeout_s`` (looks at most every SESSION_CHECK_S)."""
+        t = time.monotonic()
+        if t - self._checked < min(SESSION_CHECK_S, self.timeout_s / 4):
+            return
+        self._checked = t
+        cutoff = self.clock() - self.timeout_s
+        with self.store.read() as conn:
+            silent = conn.execute(select(session_beats.c.user, session_beats.c.session)
+                                  .where(session_beats.c.beat_at < cutoff).limit(1000)).all()
+        if not silent:
+            return
+        with self.store.write() as conn:
+            # Only the replica whose delete finds the row still silent logs the end: once.
+            gone = [(u, s) for u, s in silent
+                    if conn.execute(delete(session_beats).where(
+                        and_(self._key(u, s), session_beats.c.beat_at < cutoff))).rowcount]
+            self._log(conn, gone)
+
+    def _log(self, conn, ended: list[tuple[str, str]]) -> None:
+        if not ended:
+            return
+        now = self.clock()
+        conn.execute(insert(session_ends), [{"user": u, "session": s, "at": now} for u, s in ended])
+        newest = conn.execute(select(func.max(session_ends.c.seq))).scalar() or 0
+        conn.execute(delete(session_ends).where(session_ends.c.seq <= newest - MAX_SESSION_EVENTS))
+        self._latest = None  # read again: agents waiting on this replica hear of it at once
+
+    def _newest(self) -> int:
+        t = time.monotonic()
+        if self._latest is None or t - self._latest[0] > SESSION_LATEST_S:
+            with self.store.read() as conn:
+                self._latest = (t, conn.execute(select(func.max(session_ends.c.seq))).scalar() or 0)
+        return self._latest[1]
 
     def since(self, seq: int) -> tuple[int, list[list[str]]]:
-        with self._lock:
-            if seq > self._seq:  # the broker restarted: its log starts again
-                seq = 0
-            return self._seq, [[u, s] for n, u, s in self._log if n > seq]
+        """The log's newest seq, and the sessions that ended after ``seq`` (1000 at most; then the
+        seq returned is the last of those, so the next call goes on from there)."""
+        newest = self._newest()
+        if seq > newest:  # a new database: its log starts again
+            seq = 0
+        if seq >= newest:
+            return newest, []
+        with self.store.read() as conn:
+            rows = conn.execute(select(session_ends.c.seq, session_ends.c.user, session_ends.c.session)
+                                .where(session_ends.c.seq > seq).order_by(session_ends.c.seq).limit(1000)).all()
+        if len(rows) == 1000:
+            return rows[-1].seq, [[r.user, r.session] for r in rows]
+        return max(newest, rows[-1].seq) if rows else newest, [[r.user, r.session] for r in rows]
 
 
 class AgentTrust:
@@ -210,10 +287,19 @@ class AgentTrust:
         return grant
 
 
+def _session_timeout() -> float:
+    raw = os.environ.get("GPU_ATTACH_SESSION_TIMEOUT_S", str(SESSION_TIMEOUT_S))
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"GPU_ATTACH_SESSION_TIMEOUT_S={raw!r} is not a number of seconds (default "
+                         f"{SESSION_TIMEOUT_S:g})") from None
+
+
 def install(app: FastAPI, broker, tokens: TokenBook, sessions: Sessions | None = None) -> AgentTrust:
     """Add agent enrolment, keys, the lease watch and session ends to the broker's app."""
     trust = AgentTrust(broker.store)
-    sessions = sessions or Sessions(float(os.environ.get("GPU_ATTACH_SESSION_TIMEOUT_S", SESSION_TIMEOUT_S)))
+    sessions = sessions or Sessions(broker.store, _session_timeout())
     app.state.agent_trust, app.state.sessions = trust, sessions
 
     # Credentials: config tokens (by digest, in the TokenBook) and admin-issued ones (in the
@@ -360,8 +446,11 @@ def install(app: FastAPI, broker, tokens: TokenBook, sessions: Sessions | None =
 
     @r.post("/v1/sessions/{session_id}/alive")
     async def session_alive(session_id: SessionId, p: Principal = Depends(user)):
+        """The notebook's kernel is alive: its sandboxes stay. A session that stops beating for
+        ``timeout_s`` is ended (its kernel died), and agents reclaim its sandboxes. Beat every
+        ``beat_s``; the first beat starts the watch."""
         sessions.beat(p.name, session_id)
-        return {"session": session_id, "beat_s": SESSION_BEAT_S, "timeout_s": sessions.timeout_s}
+        return {"session": session_id, "beat_s": sessions.beat_s, "timeout_s": sessions.timeout_s}
 
     @r.delete("/v1/sessions/{session_id}")
     async def end_session(session_id: SessionId, p: Principal = Depends(user)):
