@@ -227,6 +227,13 @@ def run_agent(args) -> int:
     uid_map = None
     if args.uid_map:
         uid_map = {str(k): int(v) for k, v in json.loads(Path(args.uid_map).read_text()).items()}
+    try:
+        sandbox_disk = 0 if args.sandbox_disk.strip() == "0" else parse_size(args.sandbox_disk)
+        if 0 < sandbox_disk < 16 << 20:
+            raise ValueError("at least 16MiB (an ext4 filesystem's own needs), or 0 for no limit")
+    except ValueError as e:
+        print(f"gpu-attach agent: --sandbox-disk {args.sandbox_disk}: {e}", file=sys.stderr)
+        return 2
     from .agent.inventory import parse_mig_layout
 
     try:
@@ -254,6 +261,7 @@ def run_agent(args) -> int:
         state_dir=args.state_dir or str(Path("~/.local/state/gpu-attach-agent").expanduser() / agent_id),
         single_user=args.single_user, sandbox_uids=args.sandbox_uids, uid_map=uid_map,
         sandbox_memory=args.sandbox_memory, sandbox_pids=args.sandbox_pids,
+        sandbox_disk=sandbox_disk,
         allow_unenforced=args.allow_unenforced, fence_margin_s=args.fence_margin)
     try:
         agent = Agent(settings, devices)
@@ -547,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host-memory limit per sandbox: a multiple of the slice's GPU memory (2x) or a size (8GiB); "
                         "at least 1 GiB (default 2x: the session keeps its namespace, and parks device arrays, in host memory)")
     a.add_argument("--sandbox-pids", type=int, default=1024, help="processes and threads per sandbox (default 1024)")
+    a.add_argument("--sandbox-disk", default="20GiB",
+                   help="the session's HOME is a filesystem of this size (a sparse image: host disk is used only "
+                        "for what cells write); 0 leaves it on the host's disk, unbounded (default 20GiB; root agents)")
     a.add_argument("--allow-unenforced", action="store_true",
                    help="serve other users even where cgroups or per-user uids cannot be enforced (said at start)")
     a.add_argument("--fence-margin", type=float,

@@ -134,11 +134,14 @@ def test_a_cell_opens_its_own_gpu_node_and_no_other(gpu_site, session):
                 SliceRequest.from_options(memory="1GiB"))
     mine = minors[ns["visible"]]
     other = next(m for m in range(254) if m not in minors.values())
-    os.mknod(f"{ns['home']}/other", 0o20666, os.makedev(195, other))
-    os.chmod(f"{ns['home']}/other", 0o666)
-    probe = {"mine": mine}
+    # Beside HOME, in the agent's work root: HOME itself is a disk of the sandbox's own, mounted nodev.
+    nodes = os.path.join(os.path.dirname(ns["home"]), "gpu-nodes")
+    os.mkdir(nodes, 0o755)
+    os.mknod(f"{nodes}/other", 0o20666, os.makedev(195, other))
+    os.chmod(f"{nodes}/other", 0o666)
+    probe = {"mine": mine, "nodes": nodes}
     session.run("import errno, os\nos.environ.pop('CUDA_VISIBLE_DEVICES', None)\ngot = []\n"
-                "for path in (f'/dev/nvidia{mine}', '/dev/nvidiactl', os.path.join(os.environ['HOME'], 'other')):\n"
+                "for path in (f'/dev/nvidia{mine}', '/dev/nvidiactl', os.path.join(nodes, 'other')):\n"
                 "    try:\n        os.close(os.open(path, os.O_RDWR))\n        got.append('opened')\n"
                 "    except OSError as e:\n        got.append(errno.errorcode[e.errno])\n", probe,
                 SliceRequest.from_options(memory="1GiB"))

@@ -21,9 +21,9 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="per-user uids and cgr
 def site(tmp_path_factory):
     s = Site(tmp_path_factory.mktemp("secsite"), lease_ttl=5.0)
     s.start_broker()
-    # Small limits, so a fork bomb and a memory hog hit them fast.
+    # Small limits, so a fork bomb, a memory hog and a disk filler hit them fast.
     s.start_agent("gpu-host-1", simulate=2, memory="1GiB",
-                  extra=("--sandbox-pids", "64", "--sandbox-memory", "1GiB"))
+                  extra=("--sandbox-pids", "64", "--sandbox-memory", "1GiB", "--sandbox-disk", "64MiB"))
     yield s
     s.stop()
 

@@ -174,26 +174,29 @@ def test_a_setsid_child_is_frozen_between_cells_and_dies_with_the_session(alice,
 def test_a_cell_cannot_open_a_gpu_node_outside_its_lease(site):
     """Clearing CUDA_VISIBLE_DEVICES gains nothing: the kernel refuses to open the host's GPU nodes.
 
-    Nodes like the host's /dev/nvidia0..3 (major 195) are made in the cell's own working directory
-    (a cell cannot mknod). No driver backs them here, so an open the fence lets through fails with
+    Nodes like the host's /dev/nvidia0..3 (major 195) are made beside the session's working
+    directory, in the agent's work root (a cell cannot mknod; its HOME is a disk of its own,
+    mounted nodev). No driver backs them here, so an open the fence lets through fails with
     ENXIO, as /dev/nvidiactl's does (on a GPU host, nvidiactl opens); one the fence stops fails with
     EPERM. The devices here are simulated, so this sandbox may open no GPU node at all."""
     import os as host_os
 
     alice = GPUSession(site.url, TOKENS["alice"], session_id="alice-gpu-nodes")  # a session of its own
     home = run(alice, "import os\nhome = os.environ['HOME']")["home"]
+    nodes = host_os.path.join(host_os.path.dirname(home), "alice-gpu-nodes")
+    host_os.mkdir(nodes, 0o755)
     for name, minor in [("nvidia0", 0), ("nvidia1", 1), ("nvidia3", 3), ("nvidiactl", 255)]:
-        host_os.mknod(f"{home}/{name}", 0o20666, host_os.makedev(195, minor))
-        host_os.chmod(f"{home}/{name}", 0o666)  # past the umask: as the driver makes /dev/nvidia*
+        host_os.mknod(f"{nodes}/{name}", 0o20666, host_os.makedev(195, minor))
+        host_os.chmod(f"{nodes}/{name}", 0o666)  # past the umask: as the driver makes /dev/nvidia*
     ns = run(alice, "import errno, os\n"
                     "os.environ.pop('CUDA_VISIBLE_DEVICES', None)\n"
                     "got = {}\n"
                     "for name in ('nvidia0', 'nvidia1', 'nvidia3', 'nvidiactl'):\n"
                     "    try:\n"
-                    "        os.close(os.open(os.path.join(os.environ['HOME'], name), os.O_RDWR))\n"
+                    "        os.close(os.open(os.path.join(nodes, name), os.O_RDWR))\n"
                     "        got[name] = 'opened'\n"
                     "    except OSError as e:\n"
-                    "        got[name] = errno.errorcode[e.errno]\n")
+                    "        got[name] = errno.errorcode[e.errno]\n", {"nodes": nodes})
     alice.broker.end_session(alice.session_id)
     got = ns["got"]
     assert {k: got[k] for k in ("nvidia0", "nvidia1", "nvidia3")} == dict.fromkeys(("nvidia0", "nvidia1", "nvidia3"), "EPERM")
@@ -277,3 +280,42 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_disk_filler_fills_only_its_own_home(site):
+    """A cell that writes without end fills its own HOME (a disk of its own, --sandbox-disk 64MiB
+    here) and gets ENOSPC there; the host's world-writable /var/tmp is a tmpfs of the sandbox's
+    own. The host's disk loses nothing once the session ends."""
+    filler = GPUSession(site.url, TOKENS["alice"], session_id="alice-disk")
+    ns = run(filler, "import errno, os, uuid\n"
+                     "home = os.environ['HOME']\n"
+                     "st = os.statvfs(home)\n"
+                     "size = st.f_blocks * st.f_frsize\n"
+                     "written, error = 0, None\n"
+                     "try:\n"
+                     "    with open(os.path.join(home, 'fill'), 'wb') as f:\n"
+                     "        while written < 256 << 20:\n"
+                     "            f.write(b'x' * (1 << 20))\n"
+                     "            f.flush()\n"
+                     "            os.fsync(f.fileno())\n"
+                     "            written += 1 << 20\n"
+                     "except OSError as e:\n"
+                     "    error = errno.errorcode[e.errno]\n"
+                     "marker = 'gpa-' + uuid.uuid4().hex\n"
+                     "open(os.path.join('/var/tmp', marker), 'w').write('x')\n")
+    image = os.path.join(os.path.dirname(ns["home"]), ".disks", os.path.basename(ns["home"]) + ".img")
+    assert os.path.exists(image), image
+    used_on_host = os.stat(image).st_blocks * 512
+    with pytest.raises(OSError) as full:  # uncaught, the error says which limit it hit and what to do
+        run(filler, "with open(os.path.join(home, 'more'), 'wb') as f:\n    f.write(b'x' * (4 << 20))\n", ns)
+    assert "--sandbox-disk" in "".join(getattr(full.value, "__notes__", [])), full.value
+    filler.broker.end_session(filler.session_id)
+    assert ns["error"] == "ENOSPC", ns
+    assert 48 << 20 <= ns["written"] <= 64 << 20, ns["written"]
+    assert 48 << 20 <= ns["size"] <= 64 << 20, ns["size"]
+    assert used_on_host <= 72 << 20, f"the image takes {used_on_host >> 20} MiB of the host's disk"
+    assert not os.path.exists(os.path.join("/var/tmp", ns["marker"])), "the cell wrote to the host's /var/tmp"
+    deadline = time.monotonic() + 10
+    while os.path.exists(image) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(image), "the session's disk outlived its sandbox"

@@ -37,8 +37,10 @@ from pathlib import Path
 import requests
 
 from jupyter_gpu_attach import wire
+from jupyter_gpu_attach.slices import format_size
 
 from .. import __version__
+from . import disk
 from ..grant_tokens import GrantTokenError, GrantVerifier
 from .broker_channel import BrokerChannel
 from .cgroups import FENCE_MISSING, Cgroup, CgroupError, CgroupTree
@@ -94,6 +96,7 @@ class AgentSettings:
     sandbox_memory: str = "2x"  # host-memory limit per sandbox: a multiple of the slice's GPU memory, or a size
     sandbox_memory_min: int = 1 << 30
     sandbox_pids: int = 1024
+    sandbox_disk: int = 20 << 30  # the session's HOME is a filesystem this size (0: the host's disk, unbounded)
     allow_unenforced: bool = False  # serve other users even where cgroups or uid separation are missing
     fence_margin_s: float | None = None  # stop an unconfirmed cell this long before its TTL (default min(1 s, TTL/4))
 
@@ -124,6 +127,7 @@ class SandboxHandle:
     uid: int | None = None
     devices: tuple = ()  # the devices it is pinned to now (CUDA_VISIBLE_DEVICES)
     simulated: bool = False
+    disk: str | None = None  # the image mounted on workdir in the sandbox's namespace (disk.py)
     # Whether a GPU library was imported (so CUDA may have bound the process to its devices):
     # said by the sandbox itself after a cell, and only used to decide whether a move to other
     # devices may re-pin it or must replace it, never to enforce anything.
@@ -195,6 +199,12 @@ class Agent:
         self._root = settings.workdir or tempfile.mkdtemp(prefix="gpu-attach-agent-")
         if self._jail:
             os.chmod(self._root, 0o711)  # each sandbox's uid must reach its own (0700) workdir inside
+        # Why a sandbox's HOME cannot be a disk of its own (None: it can; disk.py).
+        self._disk_shared = ("not asked for (--sandbox-disk 0)" if not settings.sandbox_disk else
+                             "no jail" if not self._jail else disk.probe(self._root))
+        self._disks = os.path.join(self._root, ".disks")
+        if self._disk_shared is None:
+            os.makedirs(self._disks, mode=0o700, exist_ok=True)
         self.listener = socket.create_server((settings.host, settings.port), backlog=512)
         self.port = self.listener.getsockname()[1]
 
@@ -221,7 +231,9 @@ class Agent:
         jail = ("no mount namespace" if not self._jail else
                 "private mount namespace, /tmp and /proc (other uids' processes hidden)" if self._proc_shared is None
                 else f"private mount namespace and /tmp (/proc shows other processes: {self._proc_shared})")
-        text = f"{self.cgroups.describe()}; {uids}; {jail}"
+        space = (f"HOME a {format_size(self.settings.sandbox_disk)} disk of its own" if self._disk_shared is None
+                 else f"HOME on the host's disk, unbounded ({self._disk_shared})")
+        text = f"{self.cgroups.describe()}; {uids}; {jail}; {space}"
         if self.leftovers_killed:
             text += f"; killed {self.leftovers_killed} sandbox cgroup(s) left by a previous run"
         missing = self.unenforced()
@@ -696,6 +708,9 @@ class Agent:
             "env": {"HOME": workdir, "CUDA_VISIBLE_DEVICES": self._visible(claims["gpus"]),
                     "GPU_ATTACH_SIMULATED": "1" if simulated else "0"},
         }
+        image = self._make_disk(workdir)
+        if image is not None:
+            claim.update(disk=image, disk_size=self.settings.sandbox_disk)  # mounted by the sandbox, on workdir
         if uid is not None:
             os.chown(workdir, uid, uid)
             claim.update(uid=uid, gid=uid)
@@ -721,13 +736,27 @@ class Agent:
             proc.wait()
             ctl.close()
             shutil.rmtree(workdir, ignore_errors=True)
+            _unlink(image)
             raise RuntimeError(f"the sandbox process did not start: {ready.get('error', 'it exited')}")
         handle = SandboxHandle(key, proc, ctl, workdir, cgroup=cgroup, uid=uid, devices=tuple(claims["gpus"]),
-                               simulated=simulated)
+                               simulated=simulated, disk=image)
         threading.Thread(target=self._follow, args=(handle,), daemon=True).start()
         log.info("sandbox pid %d for user %s session %s on devices %s%s", proc.pid, key[0], key[1], list(claims["gpus"]),
                  " (simulated)" if simulated else "")
         return handle
+
+    def _make_disk(self, workdir: str) -> str | None:
+        """The sparse image that becomes this sandbox's HOME, or None where sandboxes have none.
+        ~30 ms, once per sandbox (a session's first cell on this agent, or a move)."""
+        if self._disk_shared is not None:
+            return None
+        image = os.path.join(self._disks, os.path.basename(workdir) + ".img")
+        try:
+            disk.make_image(image, self.settings.sandbox_disk)
+        except (OSError, subprocess.SubprocessError) as e:  # the host's own disk is full, say
+            log.warning("sandbox %s gets no disk limit of its own: %s", workdir, e)
+            return None
+        return image
 
     def _visible(self, indexes) -> str:
         """CUDA_VISIBLE_DEVICES for these devices: their UUIDs (independent of enumeration order);
@@ -876,6 +905,7 @@ class Agent:
             log.info("sandbox pid %d exited with code %s", s.proc.pid, code)
         s.ctl.close()
         shutil.rmtree(s.workdir, ignore_errors=True)
+        _unlink(s.disk)  # its loop device went with the sandbox's mount namespace
 
     def _tell_out_of_memory(self, s: SandboxHandle) -> None:
         """The kernel killed the sandbox for running over its host-memory limit: say so to the
@@ -977,6 +1007,14 @@ def _alive(s: "SandboxHandle") -> bool:
     p = select.poll()
     p.register(s.ctl.fileno(), select.POLLHUP | select.POLLERR)
     return not p.poll(0)
+
+
+def _unlink(path: str | None) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _killpg(proc: subprocess.Popen) -> None:

@@ -129,13 +129,15 @@ def enter(config: dict) -> None:
         _tmpfs(c, "0755")
     if config.get("private_tmp", True):
         _tmpfs("/tmp", "1777")
-        if os.path.isdir("/dev/shm"):
-            _tmpfs("/dev/shm", "1777")
+        # The host's other world-writable places: a cell filling them would fill the host's disk.
+        for shared in ("/dev/shm", "/var/tmp", "/run/lock"):
+            if os.path.isdir(shared) and not os.path.islink(shared):
+                _tmpfs(shared, "1777")
     hidden = set(os.path.abspath(h) for h in config.get("hide", []))
     for p, fd in fds.items():
         ap = os.path.abspath(p)
         covered = any(ap == c or ap.startswith(c + "/") for c in covers) or ap.startswith("/tmp/") \
-            or ap.startswith("/dev/shm/")
+            or ap.startswith(("/dev/shm/", "/var/tmp/", "/run/lock/"))
         if not covered or any(ap == h or ap.startswith(h + "/") for h in hidden):
             continue
         if os.path.isdir(f"/proc/self/fd/{fd}"):
@@ -157,6 +159,19 @@ def main() -> None:
             _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
             _mount(None, "/", None, MS_REC | MS_PRIVATE)
             _mount_private_proc()
+        except OSError as e:
+            print(e, file=sys.stderr)
+            os._exit(1)
+        os._exit(0)
+    if sys.argv[1:2] == ["--probe-disk"] and len(sys.argv) == 4:
+        from .disk import mount_image
+
+        try:
+            _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+            _mount(None, "/", None, MS_REC | MS_PRIVATE)
+            mount_image(sys.argv[2], sys.argv[3], None, None)
+            with open(os.path.join(sys.argv[3], "probe"), "wb") as f:
+                f.write(b"x")
         except OSError as e:
             print(e, file=sys.stderr)
             os._exit(1)

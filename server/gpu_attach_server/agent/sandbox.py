@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import errno
 import gc
 import json
 import os
@@ -398,6 +399,7 @@ class Sandbox:
         header, buffers, _ = self.shell.collect(changed)
         header.update(op="result", deleted=deleted, inplace=inplace, elapsed=elapsed, cwd=os.getcwd())
         if error is not None:
+            stb = self._explain_full_disk(error, stb)
             header["error"], exc_buffers = _describe(error, stb)
             header["value_buffers"] = len(buffers)
             buffers = buffers + exc_buffers
@@ -420,6 +422,24 @@ class Sandbox:
             os.chdir(self.workdir)
             return (f"gpu-attach: the notebook's folder {cwd} is not reachable on the GPU host ({e.strerror}); "
                     f"this cell runs in {self.workdir}. Relative paths need the agent's --path-map.\n")
+
+    def _explain_full_disk(self, error: BaseException, stb: list[str] | None) -> list[str] | None:
+        """ENOSPC on the session's own disk (agent/disk.py): say which limit it was, and what to do."""
+        size = self.config.get("disk_size")
+        if not (isinstance(error, OSError) and error.errno == errno.ENOSPC and size):
+            return stb
+        try:
+            st = os.statvfs(self.workdir)
+            full = st.f_bavail * st.f_frsize < 1 << 20
+        except OSError:
+            full = False
+        if not full:
+            return stb  # another filesystem ran out (the notebook's folder, say)
+        note = (f"gpu-attach: this session's HOME ({self.workdir}) is a disk of {size >> 20} MiB of its own "
+                "(the agent's --sandbox-disk), and it is full: delete files there, write large outputs to the "
+                "notebook's folder, or ask the admin for a larger --sandbox-disk.")
+        error.add_note(note)
+        return None if stb is None else [*stb, note]
 
     def _limit_memory(self, claims: dict) -> None:
         """Cap the GPU memory pools at the slice's size (a no-op on simulated devices)."""
@@ -527,6 +547,10 @@ def main() -> None:
     try:
         # Nothing has touched CUDA yet, so CUDA_VISIBLE_DEVICES set now still pins the process.
         os.environ.update(claim["env"])
+        if claim.get("disk"):  # HOME is a disk of its own (agent/disk.py); mounted while still root
+            from .disk import mount_image
+
+            mount_image(claim["disk"], claim["workdir"], claim.get("uid"), claim.get("gid"))
         if claim.get("uid") is not None:
             os.setgroups([])
             os.setgid(claim["gid"])
