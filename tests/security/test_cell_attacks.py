@@ -286,6 +286,8 @@ def test_a_disk_filler_fills_only_its_own_home(site):
     """A cell that writes without end fills its own HOME (a disk of its own, --sandbox-disk 64MiB
     here) and gets ENOSPC there; the host's world-writable /var/tmp is a tmpfs of the sandbox's
     own. The host's disk loses nothing once the session ends."""
+    isolation = site.ready["gpu-host-1"]["isolation"]
+    assert "disk of its own" in isolation, f"this agent gives sandboxes no disk of their own: {isolation}"
     filler = GPUSession(site.url, TOKENS["alice"], session_id="alice-disk")
     ns = run(filler, "import errno, os, uuid\n"
                      "home = os.environ['HOME']\n"
