@@ -21,8 +21,9 @@ from conftest import TOKENS, Kernel
 def nb(site):
     """alice's kernel in a notebook folder holding a data file, pointed at the site. The site's
     agent runs alice's cells as her own uid with a private /tmp, so her notebook folder is one
-    that uid may use (as a shared home would be), not pytest's root-only temporary folder."""
-    folder = Path(tempfile.mkdtemp(prefix="gpa-notebook-", dir="/var/tmp"))
+    that uid may use (as a shared home would be), not pytest's root-only temporary folder, nor
+    /tmp or /var/tmp (each sandbox has its own)."""
+    folder = Path(tempfile.mkdtemp(prefix="gpa-notebook-", dir="/home" if os.geteuid() == 0 else None))
     (folder / "data").mkdir()
     (folder / "data" / "x.csv").write_text("a,b\n1,2\n3,4\n")
     for p in (folder, folder / "data"):

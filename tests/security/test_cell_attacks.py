@@ -8,6 +8,7 @@ many sites do; each user's cells run as that user's own uid, in a cgroup and a m
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
 import pytest
@@ -321,3 +322,36 @@ def test_a_disk_filler_fills_only_its_own_home(site):
     while os.path.exists(image) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.path.exists(image), "the session's disk outlived its sandbox"
+
+
+def _sysv_segments_of(uid: int) -> list[str]:
+    with open("/proc/sysvipc/shm") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return [r[1] for r in rows if len(r) > 7 and r[7] == str(uid)]
+
+
+def test_ipc_objects_a_cell_makes_go_with_its_sandbox(site):
+    """A System V shared-memory segment outlives the process that made it, until someone removes
+    it: a cell's would outlive its lease and its sandbox, holding host memory for good. Each
+    sandbox has an IPC namespace of its own, and what is in it goes when the sandbox does."""
+    s = GPUSession(site.url, TOKENS["alice"], session_id="alice-ipc")
+    ns = run(s, "import ctypes, os\n"
+                "libc = ctypes.CDLL(None, use_errno=True)\n"
+                "libc.shmat.restype = ctypes.c_void_p\n"
+                "shmid = libc.shmget(0, 8 << 20, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600\n"
+                "addr = libc.shmat(shmid, None, 0)\n"
+                "ctypes.memset(addr, 1, 8 << 20)\n"
+                "libc.shmdt(ctypes.c_void_p(addr))\n"
+                "uid, pid = os.getuid(), os.getpid()\n")
+    assert ns["shmid"] >= 0
+    try:
+        s.broker.end_session(s.session_id)
+        deadline = time.monotonic() + 10
+        while _alive(ns["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(ns["pid"])
+        left = _sysv_segments_of(ns["uid"])
+        assert not left, f"shared-memory segment(s) {left} of the cell's uid outlived its sandbox"
+    finally:
+        for shmid in _sysv_segments_of(ns["uid"]):  # what a failed run left: not for the next test
+            subprocess.run(["ipcrm", "-m", shmid], check=False)

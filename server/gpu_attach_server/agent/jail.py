@@ -29,6 +29,7 @@ import stat
 import sys
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -111,7 +112,9 @@ def enter(config: dict) -> None:
     for procs in config.get("cgroup_procs", []):
         with open(procs, "w") as f:
             f.write(str(os.getpid()))
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    # An IPC namespace too: System V shared memory, semaphores and message queues outlive the
+    # process that made them; in a namespace of the sandbox's own they go when the sandbox does.
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare(CLONE_NEWNS | CLONE_NEWIPC)")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount leaks back to the host
     keep = [p for p in config.get("keep", []) + config.get("needed", []) if os.path.exists(p)]
     # Open what is bound back before anything is covered: after a mount, the path shows the tmpfs.
