@@ -169,6 +169,7 @@ class GPUSession:
         self.broker = BrokerClient(broker_url, token)
         self.default = default or SliceRequest()
         self.session_id = session_id or "nb-" + secrets.token_hex(6)
+        self._first_id, self._generation = self.session_id, 1  # close() moves on to <id>.2, <id>.3, ...
         self.embedded = embedded  # the LocalPool-like handle when this session started the broker
         self.last: CellResult | None = None
         self.active_lease: dict | None = None
@@ -344,7 +345,11 @@ class GPUSession:
         return self.broker.pool()
 
     def close(self) -> None:
-        """End the session: its sandbox is ended, and an embedded broker this session started stops."""
+        """End the session: its sandbox is ended, and an embedded broker this session started stops.
+
+        A cell run after this starts a new session, under a new id (``<id>.2``, ``<id>.3``, ...):
+        the agents hear of the end a moment later, and under the old id that late end would stop
+        the new session's first cell."""
         self._renewer.stop_beating()
         end = getattr(self.broker, "end_session", None)
         if end is not None and self.remote.sandbox is not None:
@@ -352,6 +357,10 @@ class GPUSession:
                 end(self.session_id)
             except GPUAttachError:
                 pass
+        if self.remote.sandbox is not None:
+            self.remote.forget()
+            self._generation += 1
+            self.session_id = f"{self._first_id[:120]}.{self._generation}"
         if self.embedded is not None:
             self.embedded.stop()
             self.embedded = None

@@ -24,8 +24,9 @@ HISTORY_POINTS = 60
 #: Lease states a user still cares about; ended leases drop out of the panel.
 LIVE_STATES = ("queued", "granted")
 LEASE_ID = re.compile(r"^L[0-9a-f]{12}$")
-#: ``k-<kernel id>.<kernel pid>``: see jupyter_gpu_attach.connection.kernel_session_id.
-KERNEL_SESSION = re.compile(r"^k-([A-Za-z0-9-]{1,64})(?:\.\d+)?$")
+#: ``k-<kernel id>.<kernel pid>``, and ``.2``, ``.3``, ... after each ``%gpu detach``: see
+#: jupyter_gpu_attach.connection.kernel_session_id and GPUSession.close.
+KERNEL_SESSION = re.compile(r"^k-([A-Za-z0-9-]{1,64})(?:\.\d+){0,2}$")
 
 
 class PoolView:

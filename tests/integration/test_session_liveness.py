@@ -64,3 +64,39 @@ def test_a_session_dropped_without_close_stops_beating_and_is_reclaimed(make_sit
     del s
     gc.collect()
     assert _gone_within(ns["pid"], TIMEOUT_S + 10) is not None, "a dropped session beat on"
+
+
+def test_a_cell_right_after_close_starts_a_new_session_that_the_late_end_does_not_stop(make_site):
+    """close() (``%gpu detach``) ends the session; agents hear of it a moment later. A cell run at
+    once after it must not be the one that end stops: it runs in a new session, with a new id."""
+    site = make_site()
+    s = GPUSession(site.url, TOKENS["alice"], session_id="nb-detach")
+    quiet = {"stdout": io.StringIO(), "stderr": io.StringIO()}
+    ns: dict = {}
+    s.run("import os\nfirst = os.getpid()", ns, **quiet)
+    for attempt in range(3):
+        s.close()
+        s.run("import os, time\npid = os.getpid()\ntime.sleep(0.5)", ns, **quiet)
+        assert ns["pid"] != ns["first"], "the ended session's sandbox ran the next session's cell"
+        time.sleep(0.5)  # the end has reached the agent by now
+        s.run("import os\nagain = os.getpid()", ns, **quiet)
+        assert ns["again"] == ns["pid"], "the new session's sandbox was stopped by the old session's end"
+        ns["first"] = ns["pid"]
+    assert s.session_id == "nb-detach.4"
+
+
+def test_a_cell_right_after_gpu_detach_runs_in_the_next_session(make_site):
+    site = make_site()
+    k = Kernel(dict(os.environ, GPU_ATTACH_BROKER_URL=site.url, GPU_ATTACH_TOKEN=TOKENS["alice"]))
+    try:
+        k.ok("%%gpu\nimport os\nfirst = os.getpid()")
+        k.ok("%gpu detach")
+        k.ok("%%gpu\nimport os, time\npid = os.getpid()\ntime.sleep(0.5)")
+        time.sleep(0.5)  # the end of the detached session has reached the agent by now
+        k.ok("%%gpu\nagain = os.getpid()")
+        first, pid, again = k.value("[first, pid, again]")
+        assert again == pid != first
+        sid = k.value("__import__('jupyter_gpu_attach').connection.current_session().session_id")
+        assert sid.endswith(".2"), sid  # k-<kernel id>.<pid>.2 in a Jupyter server's kernels
+    finally:
+        k.stop()

@@ -64,3 +64,16 @@ def test_outside_a_kernel_the_session_id_is_left_to_the_session():
     from jupyter_gpu_attach.connection import kernel_session_id
 
     assert kernel_session_id() is None
+
+
+@pytest.mark.parametrize("session,kernel", [
+    ("k-0f3c-77.4242", "0f3c-77"),
+    ("k-0f3c-77.4242.3", "0f3c-77"),  # the session after two %gpu detach in that kernel
+    ("k-0f3c-77", "0f3c-77"),
+    ("k-0f3c-77.4242.3.1", None),
+    ("nb-0f3c77", None),
+])
+def test_a_lease_is_mapped_to_its_kernel_through_detaches(session, kernel):
+    from jupyter_gpu_attach.server_extension.pool_view import kernel_id_of
+
+    assert kernel_id_of(session) == kernel
