@@ -29,6 +29,16 @@ export interface IGpu {
   history: [number, number][];
 }
 
+/** Set on a lease granted above a quota that may borrow idle capacity (the broker's numbers). */
+export interface IBorrowed {
+  resource: string;
+  asked: number;
+  in_use: number;
+  limit: number;
+  note?: string;
+  quota?: { kind: string; subject: string };
+}
+
 export interface ILease {
   id: string;
   state: string;
@@ -43,6 +53,7 @@ export interface ILease {
   size: string;
   position?: number | null;
   of?: number | null;
+  borrowed?: IBorrowed | null;
 }
 
 export interface IState {

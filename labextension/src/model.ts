@@ -4,7 +4,7 @@
 import { ISignal, Signal } from '@lumino/signaling';
 import { Poll } from '@lumino/polling';
 
-import { GpuAttachError, IGpu, ILease, IState, requestAPI } from './api';
+import { GpuAttachError, IBorrowed, IGpu, ILease, IState, requestAPI } from './api';
 
 export class GpuModel {
   constructor(options: { isNeeded: () => boolean }) {
@@ -124,4 +124,15 @@ export function describeLease(model: GpuModel, lease: ILease): string {
     return `${lease.gpus.length} × ${name}`;
   }
   return `${Number(frac.toPrecision(2))} × ${name}`;
+}
+
+/** "above your share quota (0.4 in use + 0.2 > 0.5): stopped at its next renewal once someone waits" */
+export function describeBorrowed(b: IBorrowed): string {
+  const amount = (n: number): string => (b.resource === 'memory' ? formatBytes(n) : String(n));
+  const whose = b.quota ? `${b.quota.kind} ${b.quota.subject}'s` : 'your';
+  return (
+    `Borrowed: granted above ${whose} ${b.resource} quota (${amount(b.in_use)} in use + ${amount(b.asked)} ` +
+    `asked > ${amount(b.limit)}) on idle capacity. It is not renewed once another request waits, so a long ` +
+    'cell may be stopped.'
+  );
 }

@@ -12,7 +12,7 @@ import { INotebookTracker } from '@jupyterlab/notebook';
 import { Button, HTMLSelect, ReactWidget, UseSignal } from '@jupyterlab/ui-components';
 
 import { GpuAttachError, IGpu, ILease, requestAPI } from './api';
-import { GpuModel, describeLease, formatAge, formatBytes } from './model';
+import { GpuModel, describeBorrowed, describeLease, formatAge, formatBytes } from './model';
 
 function basename(path: string | null): string {
   return path ? path.split('/').pop() || path : '';
@@ -102,7 +102,12 @@ function LeaseRow(props: {
             </span>
           ) : (
             describeLease(props.model, l)
-          )}{' '}
+          )}
+          {l.borrowed ? (
+            <span className="jp-GpuAttach-badge jp-GpuAttach-borrowed" title={describeBorrowed(l.borrowed)}>
+              borrowed
+            </span>
+          ) : null}{' '}
           · {formatAge(age)} · <span title="lease id">{l.id}</span>
         </div>
       </div>

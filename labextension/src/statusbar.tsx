@@ -21,7 +21,7 @@ export function statusText(model: GpuModel, kernelId: string | undefined | null)
     return lease.position !== null && lease.position !== undefined ? `GPU: queued #${lease.position}` : 'GPU: queued';
   }
   const age = lease.age_s + (Date.now() - model.fetchedAt) / 1000;
-  return `GPU: ${describeLease(model, lease)} · ${formatAge(age)}`;
+  return `GPU: ${describeLease(model, lease)}${lease.borrowed ? ' (borrowed)' : ''} · ${formatAge(age)}`;
 }
 
 export class GpuStatus extends ReactWidget {

@@ -34,6 +34,12 @@ def _when(text: str) -> float:
 def _cell(v: Any, col: str) -> str:
     if v is None:
         return "-"
+    if col == "borrowed" and isinstance(v, dict):  # above which quota, by how much: "share 0.4+0.2>0.5"
+        amount = (lambda n: format_size(int(n))) if v.get("resource") == "memory" else (lambda n: f"{n:g}")
+        try:
+            return f"{v['resource']} {amount(v['in_use'])}+{amount(v['asked'])}>{amount(v['limit'])}"
+        except (KeyError, TypeError, ValueError):
+            return "yes"
     if isinstance(v, float) and (col.endswith("_at") or col in ("at", "time", "wait_until")):
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
     if col in ("memory", "used_memory", "max_memory") and isinstance(v, int):
@@ -62,7 +68,7 @@ def _request(args) -> tuple[str, str, dict | None, dict | None, Any]:
         return "GET", "/v1/admin/gpus", None, None, ["id", "pool", "model", "memory", "used_share", "leases", "agent_state", "drained"]
     if c == "leases":
         params = {"limit": args.limit, "user": args.user, "state": args.state, "before": args.before}
-        return "GET", "/v1/admin/leases", None, params, ("leases", ["id", "user", "session", "label", "state", "gpus", "fraction", "age_s", "end_reason"])
+        return "GET", "/v1/admin/leases", None, params, ("leases", ["id", "user", "session", "label", "state", "gpus", "fraction", "age_s", "borrowed", "end_reason"])
     if c == "queue":
         return "GET", "/v1/admin/queue", None, None, ("entries", ["position", "id", "user", "group", "priority", "request", "waited_s", "usage_gpu_s", "label"])
     if c == "revoke":

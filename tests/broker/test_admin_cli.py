@@ -49,6 +49,15 @@ def test_every_admin_command(site):
     assert json.loads(admin(site, "--json", "quota", "list").stdout)[0]["borrow"] is False
     assert admin(site, "quota", "set", "group", "lab", "--share", "1.5", "--borrow").returncode == 0
     assert json.loads(admin(site, "--json", "quota", "list").stdout)[0]["borrow"] is True
+    # A lease granted above a borrowing quota says so in the listing, with the numbers.
+    assert admin(site, "quota", "set", "user", "alice", "--share", "0.5", "--borrow").returncode == 0
+    with site.client("alice") as alice:
+        lent = alice.post("/v1/leases", json={"session": "nb", "fraction": 0.25}).json()
+        rows = {r.split()[0]: r for r in admin(site, "leases", "--user", "alice").stdout.splitlines()}
+        assert "share 0.5+0.25>0.5" in rows[lent["id"]], rows
+        assert "BORROWED" in rows["ID"] and ">" not in rows[lease["id"]]
+        alice.delete(f"/v1/leases/{lent['id']}")
+    assert admin(site, "quota", "delete", "user", "alice").returncode == 0
     assert admin(site, "quota", "delete", "group", "lab").returncode == 0
     made = json.loads(admin(site, "--json", "token", "create", "erin", "--label", "ci").stdout)
     assert made["user"] == "erin" and len(made["token"]) > 30

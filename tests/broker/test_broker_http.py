@@ -154,7 +154,16 @@ def test_quota_refusal_over_http(site):
         assert r.status_code == 200 and r.json()["borrow"] is True
         r = bob.post("/v1/leases", json={"session": "s", "fraction": 0.2})
         assert r.status_code == 201 and r.json()["borrowed"]["limit"] == 0.5
-        bob.delete(f"/v1/leases/{r.json()['id']}")
+        lent = r.json()["id"]
+        # Every view of the lease says it is borrowed (the panel and `gpu-attach admin leases` too).
+        listed = {x["id"]: x for x in bob.get("/v1/leases").json()["leases"]}
+        assert listed[lent]["borrowed"]["limit"] == 0.5 and listed[lent]["borrowed"]["asked"] == 0.2
+        assert listed[held["id"]]["borrowed"] is None
+        assert bob.get(f"/v1/leases/{lent}").json()["borrowed"]["in_use"] == 0.4
+        as_admin = {x["id"]: x for x in admin.get("/v1/admin/leases").json()["leases"]}
+        assert as_admin[lent]["borrowed"]["quota"]["subject"] == "bob"
+        bob.delete(f"/v1/leases/{lent}")
+        assert bob.get(f"/v1/leases/{lent}").json()["borrowed"]["limit"] == 0.5, "an ended lease still says so"
         assert admin.put("/v1/admin/quotas/user/bob", json={"borrow": "sometimes"}).status_code == 422
         assert admin.delete("/v1/admin/quotas/user/bob").status_code == 200
         assert admin.delete("/v1/admin/quotas/user/bob").status_code == 404

@@ -278,6 +278,8 @@ def test_a_quota_that_borrows_takes_idle_capacity_and_gives_it_back_when_someone
     assert extra["state"] == "granted"
     assert extra["borrowed"]["asked"] == 1.0 and extra["borrowed"]["in_use"] == 1.0
     assert extra["borrowed"]["limit"] == 1.0 and extra["borrowed"]["quota"]["borrow"] is True
+    assert b.get(who("alice"), extra["id"])["borrowed"] == extra["borrowed"]  # stored with the lease
+    assert b.get(who("alice"), own["id"])["borrowed"] is None
     # While nobody waits, the borrowed lease renews like any other.
     assert b.renew(who("alice"), extra["id"])["state"] == "granted"
     ask(b, "carol", wait=0)  # the last idle GPU

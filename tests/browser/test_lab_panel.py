@@ -175,6 +175,20 @@ def _walk_through(lab, site, page, tmp_path):
     row = panel.locator(f".jp-GpuAttach-lease[data-lease='{held['id']}']")
     row.wait_for()
     page.wait_for_function("document.querySelector('.jp-GpuAttach-statusText').textContent.startsWith('GPU: 0.25')")
+    # A lease granted above a quota that borrows idle capacity is marked so, with the numbers.
+    with site.client("admin") as a:
+        assert a.put("/v1/admin/quotas/user/alice", json={"max_share": 0.25, "borrow": True}).status_code == 200
+    lent = _held_lease(site, kernel_id, "borrowed by a script")
+    assert lent["borrowed"]["limit"] == 0.25
+    badge = panel.locator(f".jp-GpuAttach-lease[data-lease='{lent['id']}'] .jp-GpuAttach-borrowed")
+    badge.wait_for()
+    assert "share quota (0.25 in use + 0.25 asked > 0.25)" in badge.get_attribute("title")
+    assert row.locator(".jp-GpuAttach-borrowed").count() == 0, "a lease within the quota is not marked"
+    with site.client("admin") as a:
+        a.delete("/v1/admin/quotas/user/alice")
+    with site.client("alice") as c:
+        c.delete(f"/v1/leases/{lent['id']}")
+    panel.locator(f".jp-GpuAttach-lease[data-lease='{lent['id']}']").wait_for(state="detached")
     row.get_by_role("button", name="Release").click()
     row.wait_for(state="detached")
     with site.client("alice") as c:

@@ -445,6 +445,13 @@ def test_the_listing_the_database_writes_is_the_listing_python_builds(broker):
             broker.release(ALICE, lease["id"])
         granted.append(lease["id"])
     broker.grant(BOB, SliceRequest(fraction=0.25), "b")
+    # One granted above a quota that borrows: the database writes its "borrowed" object as well.
+    from gpu_attach_server.broker.admin import SiteAdmin
+    from gpu_attach_server.broker.auth import TokenBook
+
+    SiteAdmin(broker, TokenBook()).set_quota("admin", "user", "bob", 0.25, None, None, borrow=True)
+    lent = broker.grant(BOB, SliceRequest(fraction=0.25), "b")
+    assert lent["borrowed"]["limit"] == 0.25
     queued = broker.grant(ALICE, SliceRequest(gpus=2), "q", wait_s=30)
     assert queued["state"] == "queued"
     for who, kw, limit in [(ALICE, {}, 5), (ALICE, {"state": "granted"}, 5), (ALICE, {"session": "s1"}, 5),
@@ -464,6 +471,8 @@ def test_the_listing_the_database_writes_is_the_listing_python_builds(broker):
             before = got["next"]
         assert pages >= (5 if who is ALICE and not kw and limit == 5 else 1)
     assert json.loads(asyncio.run(broker.lease_page_bytes(ALICE)))["leases"][0]["id"] == queued["id"]
+    listed = {x["id"]: x for x in json.loads(asyncio.run(broker.lease_page_bytes(BOB)))["leases"]}
+    assert listed[lent["id"]]["borrowed"] == lent["borrowed"]
     broker.release(ALICE, queued["id"])
 
 

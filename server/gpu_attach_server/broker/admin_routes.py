@@ -94,6 +94,8 @@ class AdminLease(_Out):
     gpus: list[str]
     granted_at: float
     age_s: float
+    borrowed: Optional[dict[str, Any]] = Field(None, description=(
+        "set when granted above a quota that may borrow idle capacity: the quota and the numbers"))
 
 
 class AdminLeasePage(_Out):

@@ -240,13 +240,14 @@ class Broker(WaitingRoom, Accounting):
                         raise OverQuota(refusal)
                     borrowed = refusal
             lease_id = "L" + secrets.token_hex(6)
-            record = self._record(conn, view, user, session, label, request, placement, t, lease_id)
+            record = self._record(conn, view, user, session, label, request, placement, t, lease_id, borrowed)
             if borrowed is not None:
                 self._borrowed[lease_id] = borrowed
                 record["borrowed"] = borrowed
             return record
 
-    def _record(self, conn, view: "_UpView", user, session, label, request, placement, t, lease_id) -> dict:
+    def _record(self, conn, view: "_UpView", user, session, label, request, placement, t, lease_id,
+                borrowed: "Refusal | None" = None) -> dict:
         """Insert a granted lease (inside the caller's grant transaction); what signing it needs."""
         first = view.row_by_id[placement.gpus[0].id]
         expires = t + self.settings.lease_ttl_s
@@ -260,7 +261,7 @@ class Broker(WaitingRoom, Accounting):
             request=json.dumps(request.to_json()), agent_id=first["agent_id"],
             agent_incarnation=first["incarnation"], fraction=placement.fraction_per_gpu,
             created_at=t, granted_at=t, expires_at=expires, ended_at=None, end_reason=None,
-            label=label[:256]),
+            label=label[:256], borrowed=json.dumps(_borrow_note(borrowed)) if borrowed is not None else None),
             [(g.id, g.memory if whole else placement.memory_per_gpu) for g in placement.gpus])
         self._remember(user, session, frozenset(g.id for g in placement.gpus))
         devices = [dict(view.devices[g.id]) for g in placement.gpus]  # copies: the view's are shared
@@ -494,6 +495,7 @@ class Broker(WaitingRoom, Accounting):
             "gpus": [s.gpu_id for s in slots], "memory_per_gpu": slots[0].memory if slots else 0,
             "fraction": row.fraction, "granted_at": row.granted_at, "expires_at": row.expires_at,
             "ended_at": row.ended_at, "end_reason": row.end_reason, "label": row.label,
+            "borrowed": json.loads(row.borrowed) if row.borrowed else None,
         }
 
     def _sign(self, lease_id, user, session, agent_id, devices, memory, expires) -> str:
@@ -528,7 +530,7 @@ def _page_json(r: dict) -> dict:
         "request": json.loads(r["request"]), "agent_id": r["agent_id"], "gpus": r["gpus"],
         "memory_per_gpu": r["memory_per_gpu"], "fraction": r["fraction"], "granted_at": r["granted_at"],
         "expires_at": r["expires_at"], "ended_at": r["ended_at"], "end_reason": r["end_reason"],
-        "label": r["label"],
+        "label": r["label"], "borrowed": json.loads(r["borrowed"]) if r.get("borrowed") else None,
     }
 
 

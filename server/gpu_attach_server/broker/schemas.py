@@ -101,6 +101,9 @@ class LeaseInfo(_Doc):
     ended_at: Optional[float]
     end_reason: Optional[str]
     label: str
+    borrowed: Optional[dict[str, Any]] = Field(None, description=(
+        "set when it was granted above a quota that may borrow idle capacity (as the grant said): "
+        "the quota and the numbers; such a lease is not renewed once another request waits"))
 
 
 class LeasePage(_Doc):

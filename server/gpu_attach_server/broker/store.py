@@ -82,6 +82,8 @@ leases = Table(
     Column("ended_at", Float, nullable=True),
     Column("end_reason", String(256), nullable=True),
     Column("label", String(256), nullable=False, default=""),
+    # Granted above a quota that may borrow idle capacity: the quota and the numbers (JSON).
+    Column("borrowed", Text, nullable=True),
 )
 
 lease_gpus = Table(
@@ -215,7 +217,8 @@ class Store:
         """Columns added since a database was made: added to it, with their defaults."""
         from sqlalchemy import inspect
 
-        added = {"quotas": {"borrow": "BOOLEAN NOT NULL DEFAULT FALSE"}, "gpus": {"mig": "VARCHAR(32)"}}
+        added = {"quotas": {"borrow": "BOOLEAN NOT NULL DEFAULT FALSE"}, "gpus": {"mig": "VARCHAR(32)"},
+                 "leases": {"borrowed": "TEXT"}}
         for table, columns in added.items():
             have = {c["name"] for c in inspect(self.engine).get_columns(table)}
             for name, ddl in columns.items():
@@ -409,7 +412,7 @@ class Store:
                    "ORDER BY gpu_id DESC LIMIT 1), 0), "
                    f"'fraction', {num('l.fraction')}, 'granted_at', {num('l.granted_at')}, "
                    f"'expires_at', {num('l.expires_at')}, 'ended_at', {num('l.ended_at')}, "
-                   "'end_reason', l.end_reason, 'label', l.label)")
+                   "'end_reason', l.end_reason, 'label', l.label, 'borrowed', json(l.borrowed))")
             # A materialised page is read back in the order it was written (newest first).
             array = "json_group_array(json(j))"
         else:  # PostgreSQL writes doubles in their shortest exact form
@@ -420,7 +423,8 @@ class Store:
                    "'memory_per_gpu', coalesce((SELECT memory FROM lease_gpus WHERE lease_id = l.id "
                    "ORDER BY gpu_id DESC LIMIT 1), 0), "
                    "'fraction', l.fraction, 'granted_at', l.granted_at, 'expires_at', l.expires_at, "
-                   "'ended_at', l.ended_at, 'end_reason', l.end_reason, 'label', l.label)")
+                   "'ended_at', l.ended_at, 'end_reason', l.end_reason, 'label', l.label, "
+                   "'borrowed', l.borrowed::json)")
             array = "coalesce(json_agg(j ORDER BY c DESC, i DESC), '[]'::json)::text"
         sql = (f"WITH page AS MATERIALIZED (SELECT {obj} AS j, l.created_at AS c, l.id AS i FROM leases l "
                f"{'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY l.created_at DESC, l.id DESC LIMIT ?) "
@@ -460,7 +464,7 @@ class Store:
 
 # The per-cell statements ("user" is quoted: it is a reserved word in PostgreSQL).
 _LEASE_COLUMNS = ("id", "user", "session", "state", "request", "agent_id", "agent_incarnation", "fraction",
-                  "created_at", "granted_at", "expires_at", "ended_at", "end_reason", "label")
+                  "created_at", "granted_at", "expires_at", "ended_at", "end_reason", "label", "borrowed")
 _LEASE_SELECT = ", ".join(f'"{c}"' for c in _LEASE_COLUMNS)
 _LEASE_SELECT_L = ", ".join(f'l."{c}"' for c in _LEASE_COLUMNS)
 _GPUS_UP = (
@@ -495,6 +499,7 @@ class LeaseRow(NamedTuple):
     ended_at: float | None
     end_reason: str | None
     label: str
+    borrowed: str | None  # JSON: the quota a borrowed lease is above, and the numbers
 
 
 def now() -> float:
