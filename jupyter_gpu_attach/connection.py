@@ -13,7 +13,7 @@ from .errors import AuthError
 from .session import GPUSession
 
 _session: GPUSession | None = None
-_next_id: str | None = None  # after a detach: the id the next session takes (GPUSession.close)
+_ended: tuple[str, int] | None = None  # after a detach: (first id, generation) the next session goes on from
 _lock = threading.Lock()
 _registered = False
 
@@ -33,7 +33,7 @@ def get_session(config: GPUAttach | None = None) -> GPUSession:
                 if not cfg.token:
                     raise AuthError("GPU_ATTACH_BROKER_URL is set but GPU_ATTACH_TOKEN is not; set both, "
                                     "or unset the URL to use the embedded broker")
-                _session = GPUSession(cfg.broker_url, cfg.token, session_id=_next_id or kernel_session_id())
+                _session = GPUSession(cfg.broker_url, cfg.token, **_next_session())
             else:
                 from .embedded import EmbeddedPool
 
@@ -43,13 +43,20 @@ def get_session(config: GPUAttach | None = None) -> GPUSession:
                 sim = " SIMULATED" if all(d["simulated"] for d in pool.devices) else ""
                 print(f"gpu-attach: embedded broker at {pool.url} with {len(pool.devices)}{sim} device(s)",
                       file=sys.stderr)
-                _session = GPUSession(pool.url, pool.token, session_id=_next_id or kernel_session_id(), embedded=pool)
+                _session = GPUSession(pool.url, pool.token, embedded=pool, **_next_session())
             _session.wait_s = cfg.wait_s
             global _registered
             if not _registered:  # a kernel that shuts down or restarts ends its sandbox at once
                 atexit.register(close_session)
                 _registered = True
         return _session
+
+
+def _next_session() -> dict:
+    """The new session's id: the kernel's, or after a detach the same one's next generation."""
+    if _ended is None:
+        return {"session_id": kernel_session_id()}
+    return {"session_id": _ended[0], "generation": _ended[1]}
 
 
 def kernel_session_id() -> str | None:
@@ -75,11 +82,11 @@ def current_session() -> GPUSession | None:
 
 
 def close_session() -> None:
-    global _session, _next_id
+    global _session, _ended
     with _lock:
         if _session is not None:
             _session.close()
             # Not the same id again: the agents hear of the end a moment after it, and would stop
             # the next session's first cell if it had the id of the one that ended.
-            _next_id = _session.session_id
+            _ended = (_session._first_id, _session._generation)
             _session = None

@@ -88,6 +88,7 @@ class _Renewer:
         self._beat_s = SESSION_BEAT_S
         self._beat_at = float("-inf")
         self._stopped = False
+        self._beating = threading.Lock()  # held while a beat is on its way: stop_beating waits for it
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -113,7 +114,10 @@ class _Renewer:
         self._start()
 
     def stop_beating(self) -> None:
-        self._session = None
+        """No more beats, none on its way either: one that reached the broker after the session's
+        end would have it watched (and ended again) for nothing."""
+        with self._beating:
+            self._session = None
 
     def stop(self) -> None:
         """No more renewals or beats: the session was replaced or collected."""
@@ -147,14 +151,17 @@ class _Renewer:
             pass  # a broker blip: the lease lives until its TTL; try again next tick
 
     def _beat(self) -> None:
-        session = self._session
-        if session is None or time.monotonic() - self._beat_at < self._beat_s:
+        if self._session is None or time.monotonic() - self._beat_at < self._beat_s:
             return
-        self._beat_at = time.monotonic()
-        try:
-            answer = self.broker.session_alive(session)
-        except GPUAttachError:
-            return  # a broker blip, or a broker from before beats: try again next time
+        with self._beating:
+            session = self._session
+            if session is None:
+                return
+            self._beat_at = time.monotonic()
+            try:
+                answer = self.broker.session_alive(session)
+            except GPUAttachError:
+                return  # a broker blip, or a broker from before beats: try again next time
         beat_s = answer.get("beat_s") if isinstance(answer, dict) else None
         if isinstance(beat_s, (int, float)) and beat_s > 0:
             self._beat_s = min(max(float(beat_s), 0.05), 60.0)
@@ -165,11 +172,14 @@ class GPUSession:
     view of its sandbox's namespace (what the sandbox holds, what stays there)."""
 
     def __init__(self, broker_url: str, token: str, default: SliceRequest | None = None,
-                 session_id: str | None = None, embedded: Any = None):
+                 session_id: str | None = None, embedded: Any = None, generation: int = 1):
+        """``generation``: the how-manieth session of this id's notebook (after ``generation - 1``
+        ends by :meth:`close`); its id is then ``<session_id>.<generation>``."""
         self.broker = BrokerClient(broker_url, token)
         self.default = default or SliceRequest()
-        self.session_id = session_id or "nb-" + secrets.token_hex(6)
-        self._first_id, self._generation = self.session_id, 1  # close() moves on to <id>.2, <id>.3, ...
+        # close() moves on to <id>.2, <id>.3, ...
+        self._first_id, self._generation = (session_id or "nb-" + secrets.token_hex(6))[:120], max(1, int(generation))
+        self.session_id = self._first_id if self._generation == 1 else f"{self._first_id}.{self._generation}"
         self.embedded = embedded  # the LocalPool-like handle when this session started the broker
         self.last: CellResult | None = None
         self.active_lease: dict | None = None
@@ -322,7 +332,7 @@ class GPUSession:
                 pass
         exc.__cause__ = RemoteTraceback("".join(stb or []))
         exc.__suppress_context__ = True
-        if isinstance(exc, NameError) and getattr(exc, "name", None) in unsent:
+        if isinstance(exc, NameError) and getattr(exc, "name", None) in unsent and hasattr(exc, "add_note"):
             exc.add_note(f"{exc.name!r} was not sent to the GPU: {unsent[exc.name]}")
         return exc
 
@@ -360,7 +370,7 @@ class GPUSession:
         if self.remote.sandbox is not None:
             self.remote.forget()
             self._generation += 1
-            self.session_id = f"{self._first_id[:120]}.{self._generation}"
+            self.session_id = f"{self._first_id}.{self._generation}"
         if self.embedded is not None:
             self.embedded.stop()
             self.embedded = None

@@ -138,6 +138,15 @@ def site(tmp_path_factory):
     s.stop()
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class Kernel:
     """A real IPython kernel (jupyter_client) with the extension loaded."""
 

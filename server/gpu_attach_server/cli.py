@@ -555,9 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host-memory limit per sandbox: a multiple of the slice's GPU memory (2x) or a size (8GiB); "
                         "at least 1 GiB (default 2x: the session keeps its namespace, and parks device arrays, in host memory)")
     a.add_argument("--sandbox-pids", type=int, default=1024, help="processes and threads per sandbox (default 1024)")
-    a.add_argument("--sandbox-disk", default="20GiB",
+    a.add_argument("--sandbox-disk", default="50GiB",
                    help="the session's HOME is a filesystem of this size (a sparse image: host disk is used only "
-                        "for what cells write); 0 leaves it on the host's disk, unbounded (default 20GiB; root agents)")
+                        "for what cells write); 0 leaves it on the host's disk, unbounded (default 50GiB, room for a model or two in ~/.cache; root agents)")
     a.add_argument("--allow-unenforced", action="store_true",
                    help="serve other users even where cgroups or per-user uids cannot be enforced (said at start)")
     a.add_argument("--fence-margin", type=float,

@@ -9,7 +9,7 @@ import sys
 import nbclient
 import nbformat
 
-from conftest import REPO
+from conftest import REPO, pid_alive as _alive
 
 
 def _clean_env() -> dict:
@@ -68,14 +68,6 @@ def test_embedded_broker_and_agent_stop_with_the_kernel(tmp_path):
     while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
         time.sleep(0.2)
     assert not any(_alive(p) for p in pids.values()), pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"  # a zombie has exited
-    except FileNotFoundError:
-        return False
 
 
 def test_a_killed_kernel_leaves_no_log_file(tmp_path):

@@ -9,18 +9,10 @@ import io
 import os
 import time
 
-from conftest import TOKENS, Kernel
+from conftest import TOKENS, Kernel, pid_alive as _alive
 from jupyter_gpu_attach.session import GPUSession
 
 TIMEOUT_S = 3.0  # GPU_ATTACH_SESSION_TIMEOUT_S for these sites: kernels beat every 0.5 s
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"  # a zombie has exited
-    except FileNotFoundError:
-        return False
 
 
 def _gone_within(pid: int, seconds: float) -> float | None:
@@ -98,5 +90,9 @@ def test_a_cell_right_after_gpu_detach_runs_in_the_next_session(make_site):
         assert again == pid != first
         sid = k.value("__import__('jupyter_gpu_attach').connection.current_session().session_id")
         assert sid.endswith(".2"), sid  # k-<kernel id>.<pid>.2 in a Jupyter server's kernels
+        k.ok("%gpu detach")
+        k.ok("%%gpu\nthird = os.getpid()")
+        third = k.value("__import__('jupyter_gpu_attach').connection.current_session().session_id")
+        assert third == sid[:-2] + ".3", (sid, third)
     finally:
         k.stop()

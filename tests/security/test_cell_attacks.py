@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import TOKENS
+from conftest import TOKENS, pid_alive as _alive
 from jupyter_gpu_attach import GPUSession
 
 from gpu_attach_server.agent.jail import private_proc_supported
@@ -273,14 +273,6 @@ def test_a_memory_hog_fails_with_an_error_naming_the_limit(alice):
     assert not isinstance(raised.value, GPUAttachError) or "memory" in str(raised.value)
     ns = run(alice, "after = 'fresh sandbox'")  # the session goes on, in a new sandbox
     assert ns["after"] == "fresh sandbox"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_a_disk_filler_fills_only_its_own_home(site):

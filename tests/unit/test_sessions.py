@@ -147,3 +147,18 @@ def test_an_agent_ahead_of_a_new_database_reads_its_log_from_the_start(replicas)
     one.end("alice", "nb-1")
     seq, ended = one.since(500)  # the agent followed a broker whose database is gone
     assert ended == [["alice", "nb-1"]] and seq < 500
+
+
+def test_an_agent_moving_to_a_replica_that_has_not_yet_looked_gets_no_replay(tmp_path, monkeypatch):
+    """Replica two's copy of the log's newest entry may be a moment old: an agent that read a newer
+    end from replica one is not taken for one from a new database (which reads the log anew)."""
+    monkeypatch.setattr(agents, "SESSION_LATEST_S", 3600.0)  # two never looks again by itself
+    store = make_store(tmp_path)
+    one, two = Sessions(store, timeout_s=30), Sessions(Store(store.engine), timeout_s=30)
+    for i in range(5):
+        one.end("alice", f"old-{i}")
+    seen, _ = two.since(0)  # two has looked once
+    one.end("alice", "new")
+    seq, ended = one.since(seen)
+    assert ended == [["alice", "new"]]
+    assert two.since(seq) == (seq, []), "the agent was sent every old end again"

@@ -96,7 +96,7 @@ class AgentSettings:
     sandbox_memory: str = "2x"  # host-memory limit per sandbox: a multiple of the slice's GPU memory, or a size
     sandbox_memory_min: int = 1 << 30
     sandbox_pids: int = 1024
-    sandbox_disk: int = 20 << 30  # the session's HOME is a filesystem this size (0: the host's disk, unbounded)
+    sandbox_disk: int = 50 << 30  # the session's HOME is a filesystem this size (0: the host's disk, unbounded)
     allow_unenforced: bool = False  # serve other users even where cgroups or uid separation are missing
     fence_margin_s: float | None = None  # stop an unconfirmed cell this long before its TTL (default min(1 s, TTL/4))
 
@@ -205,6 +205,8 @@ class Agent:
         self._disks = os.path.join(self._root, ".disks")
         if self._disk_shared is None:
             os.makedirs(self._disks, mode=0o700, exist_ok=True)
+            for stale in glob.glob(os.path.join(self._disks, "*.img")):  # a previous run's (settings.workdir)
+                _unlink(stale)
         self.listener = socket.create_server((settings.host, settings.port), backlog=512)
         self.port = self.listener.getsockname()[1]
 
@@ -708,26 +710,27 @@ class Agent:
             "env": {"HOME": workdir, "CUDA_VISIBLE_DEVICES": self._visible(claims["gpus"]),
                     "GPU_ATTACH_SIMULATED": "1" if simulated else "0"},
         }
-        image = self._make_disk(workdir)
-        if image is not None:
-            claim.update(disk=image, disk_size=self.settings.sandbox_disk)  # mounted by the sandbox, on workdir
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-            claim.update(uid=uid, gid=uid)
-        elif self.settings.sandbox_user:
-            import pwd
-
-            pw = pwd.getpwnam(self.settings.sandbox_user)
-            os.chown(workdir, pw.pw_uid, pw.pw_gid)
-            claim.update(uid=pw.pw_uid, gid=pw.pw_gid)
+        image = None
         try:
+            if uid is not None:
+                os.chown(workdir, uid, uid)
+                claim.update(uid=uid, gid=uid)
+            elif self.settings.sandbox_user:
+                import pwd
+
+                pw = pwd.getpwnam(self.settings.sandbox_user)
+                os.chown(workdir, pw.pw_uid, pw.pw_gid)
+                claim.update(uid=pw.pw_uid, gid=pw.pw_gid)
+            image = self._make_disk(workdir)
+            if image is not None:
+                claim.update(disk=image, disk_size=self.settings.sandbox_disk)  # mounted by the sandbox, on workdir
             if cgroup is not None:
                 cgroup.pin_gpus(self._minors(claims["gpus"]))
             ctl.settimeout(SANDBOX_START_TIMEOUT_S)
             ctl.send(json.dumps(claim).encode())
             ready = json.loads(ctl.recv(65536) or b"{}")
             ctl.settimeout(None)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, KeyError, subprocess.SubprocessError) as e:
             ready = {"error": str(e)}
         if ready.get("op") != "ready":
             _killpg(proc)
@@ -754,8 +757,8 @@ class Agent:
         try:
             disk.make_image(image, self.settings.sandbox_disk)
         except (OSError, subprocess.SubprocessError) as e:  # the host's own disk is full, say
-            log.warning("sandbox %s gets no disk limit of its own: %s", workdir, e)
-            return None
+            # Not a sandbox with no limit instead: the isolation line promised one.
+            raise OSError(f"could not make the session's disk ({e})") from e
         return image
 
     def _visible(self, indexes) -> str:

@@ -37,21 +37,26 @@ def make_image(path: str, size: int) -> None:
         raise OSError("mkfs.ext4 not found (Debian: apt install e2fsprogs)")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
-    done = subprocess.run([tool, "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1", path],
-                          capture_output=True, text=True, timeout=MKFS_TIMEOUT_S)
-    if done.returncode != 0:
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        done = subprocess.run([tool, "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1", path],
+                              capture_output=True, text=True, timeout=MKFS_TIMEOUT_S)
+        if done.returncode != 0:
+            raise OSError(f"mkfs.ext4 failed: {done.stderr.strip()[-300:]}")
+    except BaseException:  # a failure or a timeout: no half-made image left behind
         os.unlink(path)
-        raise OSError(f"mkfs.ext4 failed: {done.stderr.strip()[-300:]}")
+        raise
 
 
 def mount_image(image: str, target: str, uid: int | None, gid: int | None) -> None:
     """Mount ``image`` on ``target`` through a loop device, in this process's mount namespace
     (the sandbox's; it must be private), owned by the cell's user, mode 0700."""
     tool = shutil.which("mount") or "/bin/mount"
-    done = subprocess.run([tool, "-t", "ext4", "-o", "loop,nosuid,nodev", image, target],
+    # -n: not a line in a host's /etc/mtab (where that is still a file); discard: what the cell
+    # deletes is given back to the host's disk (the image's blocks are freed again).
+    done = subprocess.run([tool, "-n", "-t", "ext4", "-o", "loop,nosuid,nodev,discard", image, target],
                           capture_output=True, text=True, timeout=MKFS_TIMEOUT_S)
     if done.returncode != 0:
         raise OSError(f"cannot mount the session's disk: {done.stderr.strip()[-300:] or done.returncode}")

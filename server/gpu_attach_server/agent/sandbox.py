@@ -438,7 +438,8 @@ class Sandbox:
         note = (f"gpu-attach: this session's HOME ({self.workdir}) is a disk of {size >> 20} MiB of its own "
                 "(the agent's --sandbox-disk), and it is full: delete files there, write large outputs to the "
                 "notebook's folder, or ask the admin for a larger --sandbox-disk.")
-        error.add_note(note)
+        if hasattr(error, "add_note"):  # Python 3.11+
+            error.add_note(note)
         return None if stb is None else [*stb, note]
 
     def _limit_memory(self, claims: dict) -> None:

@@ -174,9 +174,9 @@ class Sessions:
         conn.execute(delete(session_ends).where(session_ends.c.seq <= newest - MAX_SESSION_EVENTS))
         self._latest = None  # read again: agents waiting on this replica hear of it at once
 
-    def _newest(self) -> int:
+    def _newest(self, fresh: bool = False) -> int:
         t = time.monotonic()
-        if self._latest is None or t - self._latest[0] > SESSION_LATEST_S:
+        if fresh or self._latest is None or t - self._latest[0] > SESSION_LATEST_S:
             with self.store.read() as conn:
                 self._latest = (t, conn.execute(select(func.max(session_ends.c.seq))).scalar() or 0)
         return self._latest[1]
@@ -185,8 +185,10 @@ class Sessions:
         """The log's newest seq, and the sessions that ended after ``seq`` (1000 at most; then the
         seq returned is the last of those, so the next call goes on from there)."""
         newest = self._newest()
-        if seq > newest:  # a new database: its log starts again
-            seq = 0
+        if seq > newest:  # another replica logged an end since this one looked, or a new database
+            newest = self._newest(fresh=True)
+            if seq > newest:  # a new database: its log starts again
+                seq = 0
         if seq >= newest:
             return newest, []
         with self.store.read() as conn:
