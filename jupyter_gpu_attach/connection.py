@@ -13,7 +13,7 @@ from .errors import AuthError
 from .session import GPUSession
 
 _session: GPUSession | None = None
-_ended: tuple[str, int] | None = None  # after a detach: (first id, generation) the next session goes on from
+_ended: dict | None = None  # after a detach: GPUSession.successor() of the session that ended
 _lock = threading.Lock()
 _registered = False
 
@@ -54,9 +54,7 @@ def get_session(config: GPUAttach | None = None) -> GPUSession:
 
 def _next_session() -> dict:
     """The new session's id: the kernel's, or after a detach the same one's next generation."""
-    if _ended is None:
-        return {"session_id": kernel_session_id()}
-    return {"session_id": _ended[0], "generation": _ended[1]}
+    return {"session_id": kernel_session_id()} if _ended is None else _ended
 
 
 def kernel_session_id() -> str | None:
@@ -88,5 +86,5 @@ def close_session() -> None:
             _session.close()
             # Not the same id again: the agents hear of the end a moment after it, and would stop
             # the next session's first cell if it had the id of the one that ended.
-            _ended = (_session._first_id, _session._generation)
+            _ended = _session.successor()
             _session = None

@@ -177,9 +177,8 @@ class GPUSession:
         ends by :meth:`close`); its id is then ``<session_id>.<generation>``."""
         self.broker = BrokerClient(broker_url, token)
         self.default = default or SliceRequest()
-        # close() moves on to <id>.2, <id>.3, ...
+        # close() moves on to <id>.2, <id>.3, ... (session_id)
         self._first_id, self._generation = (session_id or "nb-" + secrets.token_hex(6))[:120], max(1, int(generation))
-        self.session_id = self._first_id if self._generation == 1 else f"{self._first_id}.{self._generation}"
         self.embedded = embedded  # the LocalPool-like handle when this session started the broker
         self.last: CellResult | None = None
         self.active_lease: dict | None = None
@@ -191,6 +190,16 @@ class GPUSession:
         self._renewer = _Renewer(self.broker)
         # A session dropped without close() stops beating, and the broker ends it in time.
         weakref.finalize(self, _Renewer.stop, self._renewer)
+
+    @property
+    def session_id(self) -> str:
+        """This session's id at the broker: the first one's, and ``.2``, ``.3`` after each close()."""
+        return self._first_id if self._generation == 1 else f"{self._first_id}.{self._generation}"
+
+    def successor(self) -> dict:
+        """What a GPUSession that takes over from this (closed) one is made with: the same id's
+        next generation, never an id whose end the agents may still be hearing of."""
+        return {"session_id": self._first_id, "generation": self._generation}
 
     def run(
         self,
@@ -370,7 +379,6 @@ class GPUSession:
         if self.remote.sandbox is not None:
             self.remote.forget()
             self._generation += 1
-            self.session_id = f"{self._first_id}.{self._generation}"
         if self.embedded is not None:
             self.embedded.stop()
             self.embedded = None

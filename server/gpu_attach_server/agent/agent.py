@@ -750,7 +750,7 @@ class Agent:
 
     def _make_disk(self, workdir: str) -> str | None:
         """The sparse image that becomes this sandbox's HOME, or None where sandboxes have none.
-        ~30 ms, once per sandbox (a session's first cell on this agent, or a move)."""
+        ~12 ms, once per sandbox (a session's first cell on this agent, or a move)."""
         if self._disk_shared is not None:
             return None
         image = os.path.join(self._disks, os.path.basename(workdir) + ".img")

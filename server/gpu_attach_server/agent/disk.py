@@ -4,12 +4,15 @@ its own, ``--sandbox-disk`` in size.
 The agent makes a sparse ext4 image for each sandbox it claims (it costs host disk only for what
 the cell writes), and the sandbox, still root in its own mount namespace, mounts it on its
 working directory through a loop device before it becomes the user. A cell that fills it gets
-``ENOSPC`` there, and the host's disk, the agent's state and other users' sessions are not
-touched. The mount lives in the sandbox's namespace only: when the sandbox's last process exits,
-the kernel unmounts it and frees the loop device (autoclear); the agent then deletes the image.
+``ENOSPC`` there, having used at most ``--sandbox-disk`` of the host's disk. The mount lives in
+the sandbox's namespace only: when the sandbox's last process exits, the kernel unmounts it and
+frees the loop device (autoclear); the agent then deletes the image. (A descriptor of a file on
+it, passed to another process of the same user, keeps the device, and those blocks, until that
+process closes it.) The images are sparse and not reserved: the sizes of all sandboxes' disks may
+add up to more than the host has free.
 
-The sandbox's ``/tmp``, ``/var/tmp`` and ``/dev/shm`` are tmpfs, charged to its memory limit
-(``jail.py``), so with this no path a sandbox uid may write to is on the host's disk.
+The sandbox's ``/tmp``, ``/var/tmp``, ``/run/lock`` and ``/dev/shm`` are tmpfs, charged to its
+memory limit (``jail.py``). What else of the host a sandbox may write to: docs/security.md.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def mkfs() -> str | None:
 
 def make_image(path: str, size: int) -> None:
     """A sparse ext4 image of ``size`` bytes at ``path`` (mode 0600): no blocks reserved for root
-    (the cell's user gets all of it), inode tables and journal initialised lazily (~30 ms)."""
+    (the cell's user gets all of it), inode tables and journal initialised lazily (~12 ms for 20 GiB)."""
     tool = mkfs()
     if tool is None:
         raise OSError("mkfs.ext4 not found (Debian: apt install e2fsprogs)")

@@ -114,8 +114,7 @@ def enter(config: dict) -> None:
             f.write(str(os.getpid()))
     # An IPC namespace too: System V shared memory, semaphores and message queues outlive the
     # process that made them; in a namespace of the sandbox's own they go when the sandbox does.
-    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare(CLONE_NEWNS | CLONE_NEWIPC)")
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount leaks back to the host
+    _private_namespace(CLONE_NEWNS | CLONE_NEWIPC)
     keep = [p for p in config.get("keep", []) + config.get("needed", []) if os.path.exists(p)]
     # Open what is bound back before anything is covered: after a mount, the path shows the tmpfs.
     fds = {p: os.open(p, os.O_PATH) for p in keep}
@@ -156,29 +155,35 @@ def enter(config: dict) -> None:
         _mount_private_proc()
 
 
+def _private_namespace(flags: int = CLONE_NEWNS) -> None:
+    _check(_libc.unshare(flags), "unshare(CLONE_NEWNS | CLONE_NEWIPC)" if flags & CLONE_NEWIPC else "unshare(CLONE_NEWNS)")
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount leaks back to the host
+
+
+def _probe_disk(image: str, target: str) -> None:
+    from .disk import mount_image
+
+    mount_image(image, target, None, None)
+    with open(os.path.join(target, "probe"), "wb") as f:
+        f.write(b"x")
+
+
+def _probe(what) -> None:
+    """Try ``what`` in a mount namespace of this throwaway process's own; exit 0 if it worked."""
+    try:
+        _private_namespace()
+        what()
+    except OSError as e:
+        print(e, file=sys.stderr)
+        os._exit(1)
+    os._exit(0)
+
+
 def main() -> None:
     if sys.argv[1:] == ["--probe-proc"]:
-        try:
-            _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-            _mount(None, "/", None, MS_REC | MS_PRIVATE)
-            _mount_private_proc()
-        except OSError as e:
-            print(e, file=sys.stderr)
-            os._exit(1)
-        os._exit(0)
+        _probe(_mount_private_proc)
     if sys.argv[1:2] == ["--probe-disk"] and len(sys.argv) == 4:
-        from .disk import mount_image
-
-        try:
-            _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-            _mount(None, "/", None, MS_REC | MS_PRIVATE)
-            mount_image(sys.argv[2], sys.argv[3], None, None)
-            with open(os.path.join(sys.argv[3], "probe"), "wb") as f:
-                f.write(b"x")
-        except OSError as e:
-            print(e, file=sys.stderr)
-            os._exit(1)
-        os._exit(0)
+        _probe(lambda: _probe_disk(sys.argv[2], sys.argv[3]))
     config = json.loads(os.environ.pop("GPU_ATTACH_JAIL"))
     try:
         enter(config)
